@@ -1,0 +1,237 @@
+// Package groups is the model of a tunnel groups definition: the YAML that
+// names each group, the hosts routed to it and how its members authenticate.
+// Parse decodes and validates a whole definition; a definition that does not
+// validate is rejected as a whole, with an error naming the group and field.
+//
+//	groups:
+//	  "flipt.dev.local":
+//	    hosts: ["flipt.dev.local"]
+//	    authentication:
+//	      basic:    {username: "user", password: "pass"}
+//	      bearer:   {token: "some-token"}
+//	      external: {scheme: "JWT", endpoint: "http://auth.example/ext"}
+package groups
+
+import (
+	"bytes"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/url"
+	"slices"
+	"strings"
+
+	"go.yaml.in/yaml/v3"
+)
+
+// Default schemes of the authentication strategies.
+const (
+	SchemeBasic    = "Basic"
+	SchemeBearer   = "Bearer"
+	SchemeExternal = "Bearer"
+)
+
+// Config is a whole groups definition.
+type Config struct {
+	Groups map[string]Group `yaml:"groups"`
+}
+
+// Group is one tunnel group.
+type Group struct {
+	// Hosts are the Host values (without port) routed to the group.
+	Hosts []string `yaml:"hosts"`
+	// Authentication of registrations; the zero value is an open group.
+	Authentication Authentication `yaml:"authentication"`
+}
+
+// Authentication holds a group's strategies; a client's credentials are
+// checked by the strategy whose scheme they present.
+type Authentication struct {
+	Basic    *Basic    `yaml:"basic,omitempty"`
+	Bearer   *Bearer   `yaml:"bearer,omitempty"`
+	External *External `yaml:"external,omitempty"`
+}
+
+// Basic is username and password authentication (scheme "Basic").
+type Basic struct {
+	Scheme   string `yaml:"scheme,omitempty"`
+	Username string `yaml:"username"`
+	Password string `yaml:"password"`
+}
+
+// Bearer is static token authentication (scheme "Bearer"). Exactly one of
+// the token fields is set. Paths are files, or k8s://secret/NS/NAME/KEY.
+type Bearer struct {
+	Scheme          string `yaml:"scheme,omitempty"`
+	Token           string `yaml:"token,omitempty"`
+	TokenPath       string `yaml:"tokenPath,omitempty"`
+	HashedToken     string `yaml:"hashedToken,omitempty"`
+	HashedTokenPath string `yaml:"hashedTokenPath,omitempty"`
+}
+
+// External delegates the decision to an HTTP endpoint (scheme "Bearer").
+type External struct {
+	Scheme   string `yaml:"scheme,omitempty"`
+	Endpoint string `yaml:"endpoint"`
+}
+
+// Open reports whether the group accepts any client.
+func (a Authentication) Open() bool {
+	return a.Basic == nil && a.Bearer == nil && a.External == nil
+}
+
+// SchemeOr returns scheme, or def when scheme is empty.
+func SchemeOr(scheme, def string) string {
+	if scheme == "" {
+		return def
+	}
+	return scheme
+}
+
+// Parse decodes and validates a YAML definition. Unknown fields are errors,
+// so that a typo never silently opens a group.
+func Parse(data []byte) (*Config, error) {
+	var cfg Config
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&cfg); err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, errors.New("groups: empty definition")
+		}
+		return nil, fmt.Errorf("groups: %w", err)
+	}
+	if err := cfg.Validate(); err != nil {
+		return nil, err
+	}
+	return &cfg, nil
+}
+
+// Validate checks the definition, naming the group and field at fault.
+func (c *Config) Validate() error {
+	var errs []error
+	owner := map[string]string{}
+	for _, name := range c.Names() {
+		g := c.Groups[name]
+		fail := func(field, format string, args ...any) {
+			errs = append(errs, fmt.Errorf("group %q: %s: %s", name, field, fmt.Sprintf(format, args...)))
+		}
+		if strings.TrimSpace(name) == "" {
+			fail("name", "must not be empty")
+		}
+		if len(g.Hosts) == 0 {
+			fail("hosts", "at least one host is required")
+		}
+		for i, h := range g.Hosts {
+			norm := NormalizeHost(h)
+			field := fmt.Sprintf("hosts[%d]", i)
+			switch {
+			case norm == "":
+				fail(field, "must not be empty")
+			case strings.ContainsAny(norm, "/ \t@"):
+				fail(field, "%q is not a host name", h)
+			case owner[norm] == name:
+				fail(field, "host %q is listed twice", h)
+			case owner[norm] != "":
+				fail(field, "host %q is already routed to group %q", h, owner[norm])
+			default:
+				owner[norm] = name
+			}
+		}
+		errs = append(errs, g.Authentication.validate(name)...)
+	}
+	return errors.Join(errs...)
+}
+
+func (a Authentication) validate(group string) []error {
+	var errs []error
+	fail := func(field, msg string) {
+		errs = append(errs, fmt.Errorf("group %q: authentication.%s: %s", group, field, msg))
+	}
+	schemes := map[string]string{}
+	scheme := func(strategy, s, def string) {
+		s = SchemeOr(s, def)
+		if strings.ContainsAny(s, " \t") {
+			fail(strategy+".scheme", fmt.Sprintf("%q must be a single word", s))
+			return
+		}
+		key := strings.ToLower(s)
+		if other, ok := schemes[key]; ok {
+			fail(strategy+".scheme", fmt.Sprintf("scheme %q is already used by %s", s, other))
+			return
+		}
+		schemes[key] = strategy
+	}
+	if b := a.Basic; b != nil {
+		scheme("basic", b.Scheme, SchemeBasic)
+		if b.Username == "" {
+			fail("basic.username", "must not be empty")
+		}
+		if strings.Contains(b.Username, ":") {
+			fail("basic.username", "must not contain ':'")
+		}
+		if b.Password == "" {
+			fail("basic.password", "must not be empty")
+		}
+	}
+	if b := a.Bearer; b != nil {
+		scheme("bearer", b.Scheme, SchemeBearer)
+		set := 0
+		for _, v := range []string{b.Token, b.TokenPath, b.HashedToken, b.HashedTokenPath} {
+			if v != "" {
+				set++
+			}
+		}
+		switch {
+		case set == 0:
+			fail("bearer", "one of token, tokenPath, hashedToken or hashedTokenPath is required")
+		case set > 1:
+			fail("bearer", "only one of token, tokenPath, hashedToken or hashedTokenPath may be set")
+		case b.HashedToken != "":
+			if err := ValidateHashedToken(b.HashedToken); err != nil {
+				fail("bearer.hashedToken", err.Error())
+			}
+		}
+	}
+	if e := a.External; e != nil {
+		scheme("external", e.Scheme, SchemeExternal)
+		if e.Endpoint == "" {
+			fail("external.endpoint", "must not be empty")
+		} else if u, err := url.Parse(e.Endpoint); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
+			fail("external.endpoint", fmt.Sprintf("%q is not an http(s) URL", e.Endpoint))
+		}
+	}
+	return errs
+}
+
+// ValidateHashedToken checks that s is a hex SHA-256 digest.
+func ValidateHashedToken(s string) error {
+	b, err := hex.DecodeString(strings.TrimSpace(s))
+	if err != nil || len(b) != 32 {
+		return errors.New("must be a hex SHA-256 digest (64 hex digits)")
+	}
+	return nil
+}
+
+// Names returns the group names in sorted order.
+func (c *Config) Names() []string {
+	names := make([]string, 0, len(c.Groups))
+	for n := range c.Groups {
+		names = append(names, n)
+	}
+	slices.Sort(names)
+	return names
+}
+
+// NormalizeHost lower-cases a host and strips its port and any trailing dot,
+// the form in which hosts are compared.
+func NormalizeHost(host string) string {
+	host = strings.TrimSpace(host)
+	if h, _, err := net.SplitHostPort(host); err == nil {
+		host = h
+	} else if strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]") {
+		host = host[1 : len(host)-1]
+	}
+	return strings.ToLower(strings.TrimSuffix(host, "."))
+}

@@ -1,0 +1,181 @@
+// Package protocol defines the reverst tunnel wire protocol, shared by the
+// tunnel server and the client library.
+//
+// # Wire format
+//
+// A tunnel client dials the server over QUIC with TLS 1.3 and the ALPN
+// protocol [ALPN] ("quic-h3-tunnel"). On the first bidirectional stream it
+// opens, it writes one MessagePack map, the [RegisterRequest]:
+//
+//	{"Version": 1, "TunnelGroup": "name", "Metadata": {"Authorization": "Basic ..."}}
+//
+// Keys are the Go field names as strings; integers may have any width and
+// unknown keys are ignored. Credentials travel in Metadata["Authorization"]
+// as "SCHEME PAYLOAD", exactly like the HTTP header.
+//
+// On success the server answers on the same stream with one MessagePack map,
+// the [RegisterResponse] ({"Version": 1, "Code": 0, "Metadata": nil,
+// "Body": nil}), and closes its side of the stream. From then on the roles
+// flip: the server is the HTTP/3 client on the connection and the tunnel
+// client serves HTTP/3 on it.
+//
+// On failure the server does not answer: it closes the QUIC connection with
+// an application error code ([CodeOK], [CodeServerError], [CodeClientError])
+// and a reason. For client errors the reason is exactly one of
+// "unauthorized", "not found" or "bad request"; [CloseError] turns such a
+// close back into [ErrUnauthorized], [ErrNotFound] or [ErrBadRequest].
+package protocol
+
+import (
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/quic-go/quic-go"
+	"github.com/vmihailenco/msgpack/v5"
+)
+
+// ALPN is the TLS application protocol negotiated by tunnel connections.
+const ALPN = "quic-h3-tunnel"
+
+// Version is the protocol version this package speaks.
+const Version = 1
+
+// MaxMessageSize bounds a register request or response on the wire. Real
+// messages are a few hundred bytes; the bound keeps a hostile peer from
+// making the decoder allocate.
+const MaxMessageSize = 64 << 10
+
+// Application error codes used when closing a tunnel connection.
+const (
+	// CodeOK is a normal close: the peer is going away.
+	CodeOK quic.ApplicationErrorCode = 0x0
+	// CodeServerError is a server-side failure; the client may retry.
+	CodeServerError quic.ApplicationErrorCode = 0x1
+	// CodeClientError rejects the client's request; the reason says why.
+	CodeClientError quic.ApplicationErrorCode = 0x2
+)
+
+// Reasons sent with [CodeClientError].
+const (
+	ReasonUnauthorized = "unauthorized"
+	ReasonNotFound     = "not found"
+	ReasonBadRequest   = "bad request"
+)
+
+// Errors a registration can end with. They are matched with errors.Is.
+var (
+	ErrUnauthorized = errors.New(ReasonUnauthorized)
+	ErrNotFound     = errors.New(ReasonNotFound)
+	ErrBadRequest   = errors.New(ReasonBadRequest)
+)
+
+// ResponseCode is the Code field of a [RegisterResponse]. Current servers
+// only ever send [ResponseOK]; the other values exist in older peers.
+type ResponseCode uint8
+
+// Legacy response codes.
+const (
+	ResponseOK ResponseCode = iota
+	ResponseBadRequest
+	ResponseNotFound
+	ResponseUnauthorized
+	ResponseServerError
+)
+
+// RegisterRequest is the first message a tunnel client sends.
+type RegisterRequest struct {
+	Version     uint8
+	TunnelGroup string
+	Metadata    map[string]string
+}
+
+// RegisterResponse is the server's answer to a successful registration.
+type RegisterResponse struct {
+	Version  uint8
+	Code     ResponseCode
+	Metadata map[string]string
+	Body     []byte
+}
+
+// Authorization returns the credentials presented in the request metadata.
+func (r *RegisterRequest) Authorization() string {
+	return r.Metadata["Authorization"]
+}
+
+// WriteRequest encodes req onto w.
+func WriteRequest(w io.Writer, req *RegisterRequest) error {
+	return msgpack.NewEncoder(w).Encode(req)
+}
+
+// WriteResponse encodes resp onto w.
+func WriteResponse(w io.Writer, resp *RegisterResponse) error {
+	return msgpack.NewEncoder(w).Encode(resp)
+}
+
+// ReadRequest decodes one register request from r, reading at most
+// [MaxMessageSize] bytes. Every failure wraps [ErrBadRequest].
+func ReadRequest(r io.Reader) (*RegisterRequest, error) {
+	var req RegisterRequest
+	if err := decode(r, &req); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrBadRequest, err)
+	}
+	if req.Version != Version {
+		return nil, fmt.Errorf("%w: unsupported version %d", ErrBadRequest, req.Version)
+	}
+	if req.TunnelGroup == "" {
+		return nil, fmt.Errorf("%w: empty tunnel group", ErrBadRequest)
+	}
+	return &req, nil
+}
+
+// ReadResponse decodes one register response from r. A response whose code
+// is not [ResponseOK] is returned with the matching error.
+func ReadResponse(r io.Reader) (*RegisterResponse, error) {
+	var resp RegisterResponse
+	if err := decode(r, &resp); err != nil {
+		return nil, fmt.Errorf("decoding register response: %w", err)
+	}
+	switch resp.Code {
+	case ResponseOK:
+		return &resp, nil
+	case ResponseBadRequest:
+		return &resp, ErrBadRequest
+	case ResponseNotFound:
+		return &resp, ErrNotFound
+	case ResponseUnauthorized:
+		return &resp, ErrUnauthorized
+	default:
+		return &resp, fmt.Errorf("register response: server error (code %d)", resp.Code)
+	}
+}
+
+func decode(r io.Reader, v any) error {
+	dec := msgpack.NewDecoder(io.LimitReader(r, MaxMessageSize))
+	if err := dec.Decode(v); err != nil {
+		if errors.Is(err, io.EOF) {
+			return io.ErrUnexpectedEOF
+		}
+		return err
+	}
+	return nil
+}
+
+// CloseError maps the error a peer closed the connection with to one of the
+// sentinel errors, wrapping it so that the QUIC error stays reachable with
+// errors.As. Errors that are not client errors are returned unchanged.
+func CloseError(err error) error {
+	var appErr *quic.ApplicationError
+	if !errors.As(err, &appErr) || !appErr.Remote || appErr.ErrorCode != CodeClientError {
+		return err
+	}
+	switch appErr.ErrorMessage {
+	case ReasonUnauthorized:
+		return fmt.Errorf("%w (%w)", ErrUnauthorized, err)
+	case ReasonNotFound:
+		return fmt.Errorf("%w (%w)", ErrNotFound, err)
+	case ReasonBadRequest:
+		return fmt.Errorf("%w (%w)", ErrBadRequest, err)
+	}
+	return err
+}
