@@ -20,9 +20,11 @@ type Source interface {
 	// Load reads and validates the current definition once.
 	Load(ctx context.Context) (*groups.Config, error)
 	// Watch calls apply with every new valid definition until ctx is done,
+	// (an error from apply counts as a failed reload and keeps the last
+	// good definition),
 	// then returns ctx.Err(). Invalid definitions and read failures are
 	// reported and retried; they never end Watch.
-	Watch(ctx context.Context, apply func(*groups.Config)) error
+	Watch(ctx context.Context, apply func(*groups.Config) error) error
 	// String names the source in logs, without credentials.
 	String() string
 }
@@ -76,7 +78,7 @@ func (f *File) Load(context.Context) (*groups.Config, error) {
 }
 
 // Watch is not implemented yet: it waits for ctx.
-func (f *File) Watch(ctx context.Context, apply func(*groups.Config)) error {
+func (f *File) Watch(ctx context.Context, apply func(*groups.Config) error) error {
 	<-ctx.Done()
 	return ctx.Err()
 }
