@@ -1,0 +1,172 @@
+package tunnel
+
+import (
+	"context"
+	"math/rand/v2"
+	"net"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/http3"
+)
+
+// Authenticator decides whether a registration may join a group. It returns
+// nil to allow, an error wrapping protocol.ErrUnauthorized to deny, and any
+// other error when it cannot decide (the client is told to retry later).
+type Authenticator interface {
+	Authenticate(ctx context.Context, metadata map[string]string) error
+}
+
+// Group is the definition of a tunnel group as the server applies it.
+type Group struct {
+	// Name is what clients register with.
+	Name string
+	// Hosts are routed to the group, compared case-insensitively without port.
+	Hosts []string
+	// Auth admits registrations; nil admits everyone.
+	Auth Authenticator
+}
+
+// table is an immutable routing table. A reload builds a new one and swaps
+// it in; requests keep the table they looked up.
+type table struct {
+	byName map[string]*group
+	byHost map[string]*group
+}
+
+func (t *table) lookupHost(host string) *group {
+	if t == nil {
+		return nil
+	}
+	return t.byHost[host]
+}
+
+func (t *table) lookupName(name string) *group {
+	if t == nil {
+		return nil
+	}
+	return t.byName[name]
+}
+
+// group is the live state of a tunnel group: it outlives routing tables, so
+// that a reload that keeps a group keeps its members.
+type group struct {
+	name string
+	auth atomic.Pointer[authBox]
+
+	mu      sync.Mutex
+	removed bool
+	// members is copied on write so that the balancer reads it without locks.
+	members atomic.Pointer[[]*member]
+	next    atomic.Uint32
+}
+
+// authBox lets a nil Authenticator live behind an atomic.Pointer.
+type authBox struct{ Authenticator }
+
+func newGroup(name string) *group {
+	g := &group{name: name}
+	g.members.Store(&[]*member{})
+	return g
+}
+
+func (g *group) authenticator() Authenticator {
+	if b := g.auth.Load(); b != nil {
+		return b.Authenticator
+	}
+	return nil
+}
+
+// add makes m a member unless the group was removed meanwhile.
+func (g *group) add(m *member) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if g.removed {
+		return false
+	}
+	ms := append(slices.Clone(*g.members.Load()), m)
+	g.members.Store(&ms)
+	return true
+}
+
+// remove drops m; it reports whether m was a member.
+func (g *group) remove(m *member) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	old := *g.members.Load()
+	i := slices.Index(old, m)
+	if i < 0 {
+		return false
+	}
+	ms := slices.Delete(slices.Clone(old), i, i+1)
+	g.members.Store(&ms)
+	return true
+}
+
+// retire marks the group removed and returns its members, which the caller
+// closes.
+func (g *group) retire() []*member {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	g.removed = true
+	ms := *g.members.Load()
+	g.members.Store(&[]*member{})
+	return ms
+}
+
+func (g *group) size() int { return len(*g.members.Load()) }
+
+// pick chooses the live member with the fewest requests in flight, skipping
+// except. Small groups are scanned whole from a rotating start, so that ties
+// (an idle group) spread round-robin; large ones use the power of two
+// choices, which is nearly as good and constant time.
+func (g *group) pick(except *member) *member {
+	ms := *g.members.Load()
+	n := len(ms)
+	if n == 0 {
+		return nil
+	}
+	if n > 8 {
+		for range 4 {
+			a, b := ms[rand.IntN(n)], ms[rand.IntN(n)]
+			if b.inflight.Load() < a.inflight.Load() {
+				a, b = b, a
+			}
+			for _, c := range []*member{a, b} {
+				if c != except && c.usable() {
+					return c
+				}
+			}
+		}
+	}
+	start := int(g.next.Add(1)) % n
+	var best *member
+	var bestLoad int64
+	for i := range n {
+		m := ms[(start+i)%n]
+		if m == except || !m.usable() {
+			continue
+		}
+		if load := m.inflight.Load(); best == nil || load < bestLoad {
+			best, bestLoad = m, load
+		}
+	}
+	return best
+}
+
+// member is one registered tunnel connection.
+type member struct {
+	conn     *quic.Conn
+	cc       *http3.ClientConn
+	remote   net.Addr
+	since    time.Time
+	inflight atomic.Int64
+	draining atomic.Bool
+}
+
+func (m *member) usable() bool {
+	return !m.draining.Load() && m.conn.Context().Err() == nil
+}

@@ -1,0 +1,82 @@
+package tunnel
+
+import (
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Metrics are the server's Prometheus metrics. Group labels only ever hold
+// configured group names (or "" for requests and registrations that match
+// no group), never raw visitor or client input. A nil *Metrics records
+// nothing.
+type Metrics struct {
+	registrations *prometheus.CounterVec
+	members       *prometheus.GaugeVec
+	requests      *prometheus.CounterVec
+	latency       *prometheus.HistogramVec
+}
+
+// NewMetrics creates the metrics and registers them with reg.
+func NewMetrics(reg prometheus.Registerer) *Metrics {
+	m := &Metrics{
+		registrations: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "reverst", Name: "registrations_total",
+			Help: "Tunnel registrations by group and result (ok, unauthorized, not_found, bad_request, error).",
+		}, []string{"group", "result"}),
+		members: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: "reverst", Name: "group_members",
+			Help: "Registered tunnel connections per group.",
+		}, []string{"group"}),
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "reverst", Name: "proxied_requests_total",
+			Help: "Frontend requests by group and status class.",
+		}, []string{"group", "code"}),
+		latency: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: "reverst", Name: "request_duration_seconds",
+			Help:    "Time to proxy a frontend request, until the response body is done.",
+			Buckets: prometheus.ExponentialBuckets(0.0005, 2.5, 14),
+		}, []string{"group"}),
+	}
+	if reg != nil {
+		reg.MustRegister(m.registrations, m.members, m.requests, m.latency)
+	}
+	return m
+}
+
+func (m *Metrics) registration(group, result string) {
+	if m == nil {
+		return
+	}
+	m.registrations.WithLabelValues(group, result).Inc()
+}
+
+func (m *Metrics) setMembers(group string, n int) {
+	if m == nil {
+		return
+	}
+	m.members.WithLabelValues(group).Set(float64(n))
+}
+
+func (m *Metrics) groupRemoved(group string) {
+	if m == nil {
+		return
+	}
+	m.members.DeleteLabelValues(group)
+}
+
+func (m *Metrics) request(group string, status int, d time.Duration) {
+	if m == nil {
+		return
+	}
+	m.requests.WithLabelValues(group, statusClass(status)).Inc()
+	m.latency.WithLabelValues(group).Observe(d.Seconds())
+}
+
+func statusClass(code int) string {
+	if code < 100 || code > 599 {
+		return "other"
+	}
+	return strconv.Itoa(code/100) + "xx"
+}

@@ -1,0 +1,192 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httputil"
+	"time"
+
+	"github.com/quic-go/quic-go/http3"
+
+	"github.com/reverst-dev/reverst/groups"
+)
+
+// Frontend answers for requests that cannot be proxied.
+const (
+	bodyUnknownHost = "reverst: no tunnel group serves this host\n"
+	bodyNoMember    = "reverst: no tunnel is connected for this host; try again later\n"
+	bodyBadGateway  = "reverst: the tunnel failed to answer\n"
+)
+
+var errNoMember = errors.New("no member available")
+
+type groupKey struct{}
+
+// proxy forwards a frontend request to a member of the group in its context.
+type proxy struct {
+	s  *Server
+	rp *httputil.ReverseProxy
+}
+
+func (s *Server) transport() *http3.Transport {
+	s.proxyOnce.Do(s.initProxy)
+	return s.h3
+}
+
+func (s *Server) initProxy() {
+	s.h3 = &http3.Transport{
+		// The visitor's Accept-Encoding goes through untouched; the proxy
+		// must never decompress on its behalf.
+		DisableCompression:     true,
+		MaxResponseHeaderBytes: s.MaxResponseHeaderBytes,
+	}
+	p := &proxy{s: s}
+	p.rp = &httputil.ReverseProxy{
+		Rewrite: func(r *httputil.ProxyRequest) {
+			r.SetXForwarded()
+			r.Out.URL.Scheme = "https"
+			r.Out.URL.Host = r.In.Host
+			r.Out.Host = r.In.Host
+		},
+		Transport: p,
+		// Stream as the member writes: server-sent events and chunked
+		// responses must not wait for a buffer to fill.
+		FlushInterval: -1,
+		ErrorHandler:  p.error,
+		ErrorLog:      slog.NewLogLogger(s.logger().Handler(), slog.LevelWarn),
+	}
+	s.proxy = p
+}
+
+// ServeHTTP is the HTTP frontend: it routes r by host to a group and
+// proxies it to one of the group's members. An unknown host is answered
+// 502, a group without members 503, each with a short text body.
+func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	s.proxyOnce.Do(s.initProxy)
+	start := time.Now()
+	g := s.table.Load().lookupHost(groups.NormalizeHost(r.Host))
+	if g == nil {
+		s.Metrics.request("", http.StatusBadGateway, time.Since(start))
+		textError(w, bodyUnknownHost, http.StatusBadGateway)
+		return
+	}
+	sw := &statusWriter{ResponseWriter: w}
+	s.proxy.rp.ServeHTTP(sw, r.WithContext(context.WithValue(r.Context(), groupKey{}, g)))
+	s.Metrics.request(g.name, sw.status, time.Since(start))
+}
+
+// RoundTrip sends the request to a member of its group. A request that
+// fails because the member's connection died before any response, and that
+// can safely be sent twice, is retried once on another member.
+func (p *proxy) RoundTrip(req *http.Request) (*http.Response, error) {
+	g, _ := req.Context().Value(groupKey{}).(*group)
+	if g == nil {
+		return nil, errNoMember
+	}
+	var tried *member
+	for attempt := 0; ; attempt++ {
+		m := g.pick(tried)
+		if m == nil {
+			if tried != nil {
+				return nil, errMemberGone
+			}
+			return nil, errNoMember
+		}
+		m.inflight.Add(1)
+		resp, err := m.cc.RoundTrip(req)
+		if err != nil {
+			m.inflight.Add(-1)
+			if attempt == 0 && m.conn.Context().Err() != nil && replayable(req) && req.Context().Err() == nil {
+				tried = m
+				continue
+			}
+			return nil, err
+		}
+		resp.Body = &countedBody{ReadCloser: resp.Body, m: m}
+		return resp, nil
+	}
+}
+
+var errMemberGone = errors.New("member connection lost")
+
+// replayable reports whether req may be sent again after its member's
+// connection died before answering: nothing of it can have been consumed
+// when it has no body. Methods do not matter here because the member never
+// produced a response; a body, though, may have been read partly.
+func replayable(req *http.Request) bool {
+	return req.Body == nil || req.Body == http.NoBody
+}
+
+// countedBody keeps a request in its member's in-flight count until the
+// response body is closed.
+type countedBody struct {
+	io.ReadCloser
+	m    *member
+	done bool
+}
+
+func (b *countedBody) Close() error {
+	if !b.done {
+		b.done = true
+		b.m.inflight.Add(-1)
+	}
+	return b.ReadCloser.Close()
+}
+
+func (p *proxy) error(w http.ResponseWriter, r *http.Request, err error) {
+	if errors.Is(err, errNoMember) {
+		textError(w, bodyNoMember, http.StatusServiceUnavailable)
+		return
+	}
+	if errors.Is(err, context.Canceled) && r.Context().Err() != nil {
+		// The visitor went away; nobody reads the answer.
+		w.WriteHeader(499)
+		return
+	}
+	g, _ := r.Context().Value(groupKey{}).(*group)
+	name := ""
+	if g != nil {
+		name = g.name
+	}
+	p.s.logger().Warn("proxy error", "group", name, "error", err)
+	textError(w, bodyBadGateway, http.StatusBadGateway)
+}
+
+func textError(w http.ResponseWriter, body string, code int) {
+	h := w.Header()
+	h.Set("Content-Type", "text/plain; charset=utf-8")
+	h.Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(code)
+	_, _ = io.WriteString(w, body)
+}
+
+// statusWriter records the status for metrics. It unwraps for
+// http.ResponseController, so flushing and hijacking still reach the
+// real writer.
+type statusWriter struct {
+	http.ResponseWriter
+	status int
+}
+
+func (w *statusWriter) WriteHeader(code int) {
+	if w.status == 0 && code >= 200 {
+		w.status = code
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *statusWriter) Write(b []byte) (int, error) {
+	if w.status == 0 {
+		w.status = http.StatusOK
+	}
+	return w.ResponseWriter.Write(b)
+}
+
+func (w *statusWriter) Flush() {
+	_ = http.NewResponseController(w.ResponseWriter).Flush()
+}
+
+func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }

@@ -1,0 +1,115 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/reverst-dev/reverst/protocol"
+)
+
+// handle runs one tunnel connection: registration, then membership until
+// the connection ends.
+func (s *Server) handle(conn *quic.Conn) {
+	defer s.untrack(conn)
+	log := s.logger().With("remote", conn.RemoteAddr().String())
+
+	g, err := s.register(conn)
+	if err != nil {
+		code, reason, result := closeFor(err)
+		if g != nil {
+			s.Metrics.registration(g.name, result)
+		} else {
+			s.Metrics.registration("", result)
+		}
+		group := ""
+		if g != nil {
+			group = g.name
+		}
+		log.Warn("registration refused", "group", group, "reason", reason, "error", err)
+		_ = conn.CloseWithError(code, reason)
+		return
+	}
+
+	m := &member{
+		conn:   conn,
+		cc:     s.transport().NewClientConn(conn),
+		remote: conn.RemoteAddr(),
+		since:  time.Now(),
+	}
+	if !g.add(m) {
+		s.Metrics.registration(g.name, "not_found")
+		_ = conn.CloseWithError(protocol.CodeOK, "tunnel group removed")
+		return
+	}
+	s.Metrics.registration(g.name, "ok")
+	s.Metrics.setMembers(g.name, g.size())
+	log.Info("member registered", "group", g.name, "members", g.size())
+
+	<-conn.Context().Done()
+	if g.remove(m) {
+		s.Metrics.setMembers(g.name, g.size())
+	}
+	log.Info("member left", "group", g.name, "members", g.size(), "cause", context.Cause(conn.Context()))
+}
+
+// register reads, authenticates and answers the register request on the
+// first stream. The returned group is non-nil whenever the request named a
+// known group, so that failures can be attributed.
+func (s *Server) register(conn *quic.Conn) (*group, error) {
+	timeout := s.RegisterTimeout
+	if timeout <= 0 {
+		timeout = DefaultRegisterTimeout
+	}
+	ctx, cancel := context.WithTimeout(conn.Context(), timeout)
+	defer cancel()
+
+	stream, err := conn.AcceptStream(ctx)
+	if err != nil {
+		return nil, errors.Join(protocol.ErrBadRequest, errTimeout, err)
+	}
+	deadline, _ := ctx.Deadline()
+	_ = stream.SetDeadline(deadline)
+	req, err := protocol.ReadRequest(stream)
+	if err != nil {
+		stream.CancelRead(0)
+		return nil, err
+	}
+
+	g := s.table.Load().lookupName(req.TunnelGroup)
+	if g == nil {
+		return nil, protocol.ErrNotFound
+	}
+	if auth := g.authenticator(); auth != nil {
+		if err := auth.Authenticate(ctx, req.Metadata); err != nil {
+			return g, err
+		}
+	}
+	if err := protocol.WriteResponse(stream, &protocol.RegisterResponse{Version: protocol.Version, Code: protocol.ResponseOK}); err != nil {
+		return g, err
+	}
+	_ = stream.SetDeadline(time.Time{})
+	// The client's side of the stream stays open; an older client may
+	// never close it, so nothing waits for it.
+	_ = stream.Close()
+	return g, nil
+}
+
+var errTimeout = errors.New("no register request in time")
+
+// closeFor maps a registration failure to the QUIC close code and reason
+// of the protocol, and to the metric result.
+func closeFor(err error) (quic.ApplicationErrorCode, string, string) {
+	switch {
+	case errors.Is(err, protocol.ErrBadRequest):
+		return protocol.CodeClientError, protocol.ReasonBadRequest, "bad_request"
+	case errors.Is(err, protocol.ErrNotFound):
+		return protocol.CodeClientError, protocol.ReasonNotFound, "not_found"
+	case errors.Is(err, protocol.ErrUnauthorized):
+		return protocol.CodeClientError, protocol.ReasonUnauthorized, "unauthorized"
+	default:
+		return protocol.CodeServerError, "server error", "error"
+	}
+}

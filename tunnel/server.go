@@ -1,0 +1,223 @@
+// Package tunnel is the reverst tunnel server: it accepts tunnel
+// registrations over QUIC, keeps the members of each tunnel group, routes
+// HTTP requests by Host to a group and proxies them to one of its members
+// over HTTP/3.
+//
+// A [Server] has three entry points, each run by the caller: [Server.Serve]
+// takes registrations from a QUIC listener, [Server.ServeHTTP] is the HTTP
+// frontend, and [Server.SetGroups] applies a (new) set of group definitions.
+// The routing table is an immutable value swapped atomically, so requests
+// never wait for a registration or a reload.
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/http3"
+
+	"github.com/reverst-dev/reverst/groups"
+	"github.com/reverst-dev/reverst/protocol"
+)
+
+// DefaultRegisterTimeout bounds the wait for a client's register request.
+const DefaultRegisterTimeout = 5 * time.Second
+
+// ErrServerClosed is returned by Serve after Shutdown or Close.
+var ErrServerClosed = errors.New("tunnel: server closed")
+
+// Server is a tunnel server. The zero value is ready to use: it has no
+// groups (every registration is "not found", every request 502) until
+// SetGroups is called.
+type Server struct {
+	// Logger receives the server's logs; nil discards them.
+	Logger *slog.Logger
+	// RegisterTimeout bounds the time between the QUIC handshake and a
+	// complete register request; zero means DefaultRegisterTimeout.
+	RegisterTimeout time.Duration
+	// Metrics, when set, is updated by the server. See NewMetrics.
+	Metrics *Metrics
+	// MaxResponseHeaderBytes limits a member's response headers; zero means
+	// the http3 default.
+	MaxResponseHeaderBytes int
+
+	table atomic.Pointer[table]
+
+	mu       sync.Mutex // guards the fields below and serialises SetGroups
+	conns    map[*quic.Conn]struct{}
+	closed   bool
+	inflight sync.WaitGroup // registrations being handled
+
+	proxyOnce sync.Once
+	proxy     *proxy
+	h3        *http3.Transport
+}
+
+func (s *Server) logger() *slog.Logger {
+	if s.Logger == nil {
+		return slog.New(slog.DiscardHandler)
+	}
+	return s.Logger
+}
+
+// SetGroups replaces the routing table with defs. Groups whose name stays
+// keep their members and in-flight requests; their hosts and authenticator
+// take effect at once (the new authenticator for new registrations only).
+// Removed groups stop routing and their members are disconnected. defs must
+// be valid (see groups.Config.Validate); SetGroups returns an error and
+// changes nothing when two groups share a name or a host.
+func (s *Server) SetGroups(defs []Group) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	old := s.table.Load()
+	next := &table{byName: make(map[string]*group, len(defs)), byHost: map[string]*group{}}
+	for _, d := range defs {
+		if _, dup := next.byName[d.Name]; dup {
+			return fmt.Errorf("tunnel: group %q defined twice", d.Name)
+		}
+		g := old.lookupName(d.Name)
+		if g == nil {
+			g = newGroup(d.Name)
+		}
+		next.byName[d.Name] = g
+		for _, h := range d.Hosts {
+			h = groups.NormalizeHost(h)
+			if other, dup := next.byHost[h]; dup {
+				return fmt.Errorf("tunnel: host %q in groups %q and %q", h, other.name, d.Name)
+			}
+			next.byHost[h] = g
+		}
+	}
+	for _, d := range defs {
+		next.byName[d.Name].auth.Store(&authBox{d.Auth})
+	}
+	s.table.Store(next)
+
+	if old != nil {
+		for name, g := range old.byName {
+			if _, kept := next.byName[name]; kept {
+				continue
+			}
+			members := g.retire()
+			s.logger().Info("tunnel group removed", "group", name, "members", len(members))
+			s.Metrics.groupRemoved(name)
+			for _, m := range members {
+				_ = m.conn.CloseWithError(protocol.CodeOK, "tunnel group removed")
+			}
+		}
+	}
+	for name, g := range next.byName {
+		s.Metrics.setMembers(name, g.size())
+	}
+	return nil
+}
+
+// Serve accepts tunnel connections from ln and registers them, each in its
+// own goroutine, until ln fails or the server is shut down. It always
+// returns a non-nil error; after Shutdown or Close it is ErrServerClosed.
+// The caller keeps ownership of ln and closes it.
+func (s *Server) Serve(ln *quic.Listener) error {
+	for {
+		conn, err := ln.Accept(context.Background())
+		if err != nil {
+			if s.isClosed() {
+				return ErrServerClosed
+			}
+			return fmt.Errorf("tunnel: accepting connections: %w", err)
+		}
+		if !s.track(conn) {
+			_ = conn.CloseWithError(protocol.CodeOK, "server shutting down")
+			return ErrServerClosed
+		}
+		go s.handle(conn)
+	}
+}
+
+func (s *Server) isClosed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
+}
+
+func (s *Server) track(conn *quic.Conn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	if s.conns == nil {
+		s.conns = map[*quic.Conn]struct{}{}
+	}
+	s.conns[conn] = struct{}{}
+	s.inflight.Add(1)
+	return true
+}
+
+func (s *Server) untrack(conn *quic.Conn) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.conns, conn)
+	s.inflight.Done()
+}
+
+// Shutdown stops the server gracefully: new registrations are refused, and
+// once ctx is done or every tunnel connection has ended by itself,
+// the remaining connections are closed with code 0x0. The HTTP frontend is
+// the caller's: shut it down first so that in-flight requests finish.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
+	s.closeAll("server shutting down")
+	done := make(chan struct{})
+	go func() { s.inflight.Wait(); close(done) }()
+	select {
+	case <-done:
+		return nil
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+// Close closes every tunnel connection at once with code 0x0.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	s.mu.Unlock()
+	s.closeAll("server shutting down")
+	return nil
+}
+
+func (s *Server) closeAll(reason string) {
+	s.mu.Lock()
+	conns := make([]*quic.Conn, 0, len(s.conns))
+	for c := range s.conns {
+		conns = append(conns, c)
+	}
+	s.mu.Unlock()
+	for _, c := range conns {
+		_ = c.CloseWithError(protocol.CodeOK, reason)
+	}
+}
+
+// Members returns the number of members of each group.
+func (s *Server) Members() map[string]int {
+	t := s.table.Load()
+	if t == nil {
+		return map[string]int{}
+	}
+	out := make(map[string]int, len(t.byName))
+	for name, g := range t.byName {
+		out[name] = g.size()
+	}
+	return out
+}
+
+// HasGroups reports whether SetGroups has been called.
+func (s *Server) HasGroups() bool { return s.table.Load() != nil }
