@@ -1,0 +1,202 @@
+// Package app is reverst's composition root: it reads the configuration
+// from flags and the environment, wires the tunnel server, its group source,
+// authentication and metrics together, and supervises the long-running
+// tasks (QUIC listener, HTTP frontend, management server, source watcher)
+// so that the process stops as a whole when one of them fails.
+package app
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/quic-go/quic-go"
+
+	"github.com/reverst-dev/reverst/protocol"
+	"github.com/reverst-dev/reverst/sources"
+	"github.com/reverst-dev/reverst/tunnel"
+)
+
+// Main runs the server with the process's arguments and environment until
+// ctx is done, and returns the exit status: 0 after a clean stop, 1 when
+// the server failed, 2 for a configuration error.
+func Main(ctx context.Context, args []string, stderr io.Writer) int {
+	cfg, err := ParseConfig(args, nil, stderr)
+	if errors.Is(err, flag.ErrHelp) {
+		return 0
+	}
+	if err != nil {
+		fmt.Fprintf(stderr, "reverst: %v\n", err)
+		return 2
+	}
+	level, _ := cfg.level()
+	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
+	if err := Run(ctx, cfg, logger); err != nil {
+		logger.Error("reverst stopped", "error", err)
+		return 1
+	}
+	return 0
+}
+
+// Run starts the server described by cfg and supervises it until ctx is
+// done (a clean stop, nil) or one of its tasks fails (that error).
+func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
+	cert, err := tls.LoadX509KeyPair(cfg.CertificatePath, cfg.PrivateKeyPath)
+	if err != nil {
+		return fmt.Errorf("loading --certificate-path %q and --private-key-path %q: %w", cfg.CertificatePath, cfg.PrivateKeyPath, err)
+	}
+	if leaf, err := x509.ParseCertificate(cert.Certificate[0]); err == nil {
+		if err := leaf.VerifyHostname(cfg.ServerName); err != nil {
+			logger.Warn("the certificate does not cover --server-name; clients verifying it will fail", "server_name", cfg.ServerName, "error", err)
+		}
+	}
+
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+
+	srv := &tunnel.Server{
+		Logger:  logger.With("component", "tunnel"),
+		Metrics: tunnel.NewMetrics(reg),
+	}
+	w := &wiring{cfg: cfg, logger: logger, srv: srv, reg: reg}
+	source, err := sources.Open(cfg.TunnelGroups, sources.Options{Logger: logger.With("component", "sources")})
+	if err != nil {
+		return fmt.Errorf("--tunnel-groups: %w", err)
+	}
+	initial, err := source.Load(ctx)
+	if err != nil {
+		return fmt.Errorf("loading tunnel groups: %w", err)
+	}
+	if err := w.apply(initial); err != nil {
+		return fmt.Errorf("applying tunnel groups from %s: %w", source, err)
+	}
+
+	ln, err := quic.ListenAddr(cfg.TunnelAddress, &tls.Config{
+		Certificates: []tls.Certificate{cert},
+		NextProtos:   []string{protocol.ALPN},
+		MinVersion:   tls.VersionTLS13,
+		ServerName:   cfg.ServerName,
+	}, &quic.Config{
+		MaxIdleTimeout:  cfg.MaxIdleTimeout,
+		KeepAlivePeriod: cfg.KeepAlivePeriod,
+	})
+	if err != nil {
+		return fmt.Errorf("--tunnel-address %q: %w", cfg.TunnelAddress, err)
+	}
+	defer ln.Close()
+	frontendLn, err := net.Listen("tcp", cfg.HTTPAddress)
+	if err != nil {
+		return fmt.Errorf("--http-address %q: %w", cfg.HTTPAddress, err)
+	}
+	frontend := &http.Server{
+		Handler:           srv,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    1 << 20,
+		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
+	}
+
+	stopCtx, cancelStop := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelStop()
+	graceful := func() (context.Context, context.CancelFunc) {
+		return context.WithTimeout(stopCtx, cfg.ShutdownTimeout)
+	}
+
+	tasks := []task{
+		{
+			name: "signal",
+			run:  func() error { <-ctx.Done(); return nil },
+			stop: func(error) {},
+		},
+		{
+			name: "http frontend",
+			run: func() error {
+				logger.Info("serving HTTP frontend", "address", frontendLn.Addr().String())
+				if err := frontend.Serve(frontendLn); !errors.Is(err, http.ErrServerClosed) {
+					return fmt.Errorf("http frontend: %w", err)
+				}
+				return nil
+			},
+			stop: func(error) {
+				c, cancel := graceful()
+				defer cancel()
+				if err := frontend.Shutdown(c); err != nil {
+					logger.Warn("http frontend did not drain in time", "error", err)
+					_ = frontend.Close()
+				}
+			},
+		},
+	}
+	if cfg.ManagementAddress != "" {
+		mgmtLn, err := net.Listen("tcp", cfg.ManagementAddress)
+		if err != nil {
+			return fmt.Errorf("--management-address %q: %w", cfg.ManagementAddress, err)
+		}
+		mgmt := &http.Server{Handler: w.management(source), ReadHeaderTimeout: 5 * time.Second}
+		tasks = append(tasks, task{
+			name: "management server",
+			run: func() error {
+				logger.Info("serving management API", "address", mgmtLn.Addr().String())
+				if err := mgmt.Serve(mgmtLn); !errors.Is(err, http.ErrServerClosed) {
+					return fmt.Errorf("management server: %w", err)
+				}
+				return nil
+			},
+			stop: func(error) {
+				c, cancel := graceful()
+				defer cancel()
+				_ = mgmt.Shutdown(c)
+			},
+		})
+	}
+	if cfg.WatchGroups {
+		watchCtx, cancelWatch := context.WithCancel(stopCtx)
+		tasks = append(tasks, task{
+			name: "groups source",
+			run: func() error {
+				logger.Info("watching tunnel groups", "source", source.String())
+				if err := source.Watch(watchCtx, w.apply); err != nil && !errors.Is(err, context.Canceled) {
+					return fmt.Errorf("watching %s: %w", source, err)
+				}
+				return nil
+			},
+			stop: func(error) { cancelWatch() },
+		})
+	}
+	// The tunnel task comes last: its stop runs after the frontend drained,
+	// so that in-flight requests keep their members until they finish.
+	tasks = append(tasks, task{
+		name: "tunnel listener",
+		run: func() error {
+			logger.Info("accepting tunnels", "address", ln.Addr().String(), "server_name", cfg.ServerName)
+			if err := srv.Serve(ln); !errors.Is(err, tunnel.ErrServerClosed) {
+				return err
+			}
+			return nil
+		},
+		stop: func(error) {
+			c, cancel := graceful()
+			defer cancel()
+			_ = srv.Shutdown(c)
+			_ = ln.Close()
+		},
+	})
+
+	w.ready.Store(true)
+	name, err := supervise(tasks)
+	if err != nil {
+		return fmt.Errorf("%s: %w", name, err)
+	}
+	logger.Info("reverst stopped cleanly")
+	return nil
+}
