@@ -1,0 +1,242 @@
+package tunnel_test
+
+import (
+	"context"
+	"crypto/ecdsa"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"errors"
+	"io"
+	"math/big"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/quic-go/quic-go"
+
+	"github.com/reverst-dev/reverst/protocol"
+	"github.com/reverst-dev/reverst/tunnel"
+)
+
+// testCert makes a self-signed certificate for localhost and a pool that
+// trusts it.
+func testCert(t testing.TB) (tls.Certificate, *x509.CertPool) {
+	t.Helper()
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          big.NewInt(1),
+		Subject:               pkix.Name{CommonName: "localhost"},
+		DNSNames:              []string{"localhost"},
+		IPAddresses:           []net.IP{net.ParseIP("127.0.0.1")},
+		NotBefore:             time.Now().Add(-time.Hour),
+		NotAfter:              time.Now().Add(time.Hour),
+		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		IsCA:                  true,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		t.Fatal(err)
+	}
+	pool := x509.NewCertPool()
+	pool.AddCert(leaf)
+	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, pool
+}
+
+// env is a running tunnel server on loopback.
+type env struct {
+	srv      *tunnel.Server
+	addr     string // QUIC
+	frontend string // http://...
+	roots    *x509.CertPool
+}
+
+func startServer(t testing.TB, defs ...tunnel.Group) *env {
+	t.Helper()
+	cert, pool := testCert(t)
+	ln, err := quic.ListenAddr("127.0.0.1:0", &tls.Config{
+		Certificates: []tls.Certificate{cert},
+		NextProtos:   []string{protocol.ALPN},
+		MinVersion:   tls.VersionTLS13,
+	}, &quic.Config{MaxIdleTimeout: 5 * time.Second, KeepAlivePeriod: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &tunnel.Server{RegisterTimeout: 500 * time.Millisecond}
+	if err := srv.SetGroups(defs); err != nil {
+		t.Fatal(err)
+	}
+	served := make(chan error, 1)
+	go func() { served <- srv.Serve(ln) }()
+	front := httptest.NewServer(srv)
+	t.Cleanup(func() {
+		front.Close()
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		if err := srv.Shutdown(ctx); err != nil {
+			t.Errorf("shutdown: %v", err)
+		}
+		ln.Close()
+		if err := <-served; !errors.Is(err, tunnel.ErrServerClosed) {
+			t.Errorf("Serve returned %v, want ErrServerClosed", err)
+		}
+	})
+	return &env{srv: srv, addr: ln.Addr().String(), frontend: front.URL, roots: pool}
+}
+
+func (e *env) clientTLS() *tls.Config {
+	return &tls.Config{RootCAs: e.roots, ServerName: "localhost", NextProtos: []string{protocol.ALPN}}
+}
+
+// get sends a request for host through the frontend.
+func (e *env) get(t testing.TB, host, path string) (int, string) {
+	t.Helper()
+	req, err := http.NewRequest(http.MethodGet, e.frontend+path, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Host = host
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer resp.Body.Close()
+	body, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(body)
+}
+
+// dialRaw opens a QUIC connection to the tunnel server without registering.
+func (e *env) dialRaw(t testing.TB) *quic.Conn {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	conn, err := quic.DialAddr(ctx, e.addr, e.clientTLS(), &quic.Config{MaxIdleTimeout: 5 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.CloseWithError(0, "") })
+	return conn
+}
+
+// waitClosed waits for conn to be closed by the server and returns the
+// application error it was closed with.
+func waitClosed(t testing.TB, conn *quic.Conn, within time.Duration) *quic.ApplicationError {
+	t.Helper()
+	select {
+	case <-conn.Context().Done():
+	case <-time.After(within):
+		t.Fatalf("connection still open after %s", within)
+	}
+	var appErr *quic.ApplicationError
+	if !errors.As(context.Cause(conn.Context()), &appErr) {
+		t.Fatalf("closed with %v, want an application error", context.Cause(conn.Context()))
+	}
+	return appErr
+}
+
+func TestUnknownHostIs502(t *testing.T) {
+	e := startServer(t, tunnel.Group{Name: "g", Hosts: []string{"g.example"}})
+	code, body := e.get(t, "other.example", "/")
+	if code != http.StatusBadGateway || !strings.Contains(body, "no tunnel group") {
+		t.Fatalf("got %d %q, want 502 naming the missing group", code, body)
+	}
+}
+
+func TestGroupWithoutMemberIs503(t *testing.T) {
+	e := startServer(t, tunnel.Group{Name: "g", Hosts: []string{"G.Example"}})
+	code, body := e.get(t, "g.example:8181", "/")
+	if code != http.StatusServiceUnavailable || !strings.Contains(body, "no tunnel") {
+		t.Fatalf("got %d %q, want 503", code, body)
+	}
+}
+
+func TestGarbageRegistrationIsBadRequest(t *testing.T) {
+	e := startServer(t, tunnel.Group{Name: "g", Hosts: []string{"g.example"}})
+	conn := e.dialRaw(t)
+	str, err := conn.OpenStreamSync(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := str.Write([]byte("GET / HTTP/1.1\r\n\r\n")); err != nil {
+		t.Fatal(err)
+	}
+	appErr := waitClosed(t, conn, 3*time.Second)
+	if appErr.ErrorCode != protocol.CodeClientError || appErr.ErrorMessage != protocol.ReasonBadRequest {
+		t.Fatalf("closed with %#x %q, want 0x2 %q", appErr.ErrorCode, appErr.ErrorMessage, protocol.ReasonBadRequest)
+	}
+	// The server still serves.
+	if code, _ := e.get(t, "g.example", "/"); code != http.StatusServiceUnavailable {
+		t.Fatalf("after garbage: got %d, want 503", code)
+	}
+}
+
+func TestUnsupportedVersionIsBadRequest(t *testing.T) {
+	e := startServer(t, tunnel.Group{Name: "g", Hosts: []string{"g.example"}})
+	conn := e.dialRaw(t)
+	str, err := conn.OpenStreamSync(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := protocol.WriteRequest(str, &protocol.RegisterRequest{Version: 9, TunnelGroup: "g"}); err != nil {
+		t.Fatal(err)
+	}
+	appErr := waitClosed(t, conn, 3*time.Second)
+	if appErr.ErrorCode != protocol.CodeClientError || appErr.ErrorMessage != protocol.ReasonBadRequest {
+		t.Fatalf("closed with %#x %q, want bad request", appErr.ErrorCode, appErr.ErrorMessage)
+	}
+}
+
+func TestUnknownGroupIsNotFound(t *testing.T) {
+	e := startServer(t, tunnel.Group{Name: "g", Hosts: []string{"g.example"}})
+	conn := e.dialRaw(t)
+	str, err := conn.OpenStreamSync(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := protocol.WriteRequest(str, &protocol.RegisterRequest{Version: 1, TunnelGroup: "nope"}); err != nil {
+		t.Fatal(err)
+	}
+	appErr := waitClosed(t, conn, 3*time.Second)
+	if appErr.ErrorMessage != protocol.ReasonNotFound {
+		t.Fatalf("closed with %#x %q, want not found", appErr.ErrorCode, appErr.ErrorMessage)
+	}
+}
+
+func TestSilentClientIsClosed(t *testing.T) {
+	e := startServer(t, tunnel.Group{Name: "g", Hosts: []string{"g.example"}})
+	silent := e.dialRaw(t)
+	start := time.Now()
+	// Another registration goes through while the silent one waits.
+	conn := e.dialRaw(t)
+	str, err := conn.OpenStreamSync(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := protocol.WriteRequest(str, &protocol.RegisterRequest{Version: 1, TunnelGroup: "g"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := protocol.ReadResponse(str); err != nil {
+		t.Fatalf("second client's registration: %v", err)
+	}
+	if d := time.Since(start); d > 300*time.Millisecond {
+		t.Fatalf("second registration took %s behind a silent client", d)
+	}
+	appErr := waitClosed(t, silent, 3*time.Second)
+	if appErr.ErrorCode != protocol.CodeClientError {
+		t.Fatalf("silent client closed with %#x %q", appErr.ErrorCode, appErr.ErrorMessage)
+	}
+}
