@@ -19,6 +19,17 @@
 // flip: the server is the HTTP/3 client on the connection and the tunnel
 // client serves HTTP/3 on it.
 //
+// # Draining (an extension)
+//
+// The register stream stays open after the response. A client that is about
+// to leave writes a [ControlMessage] {"Type": "drain"} on its side of that
+// stream; the server then sends it no new requests, while the requests
+// already sent finish, and the client closes the connection with [CodeOK]
+// once it is idle. Peers that do not know the extension are unaffected: an
+// older server never reads the stream after the request (the few bytes sit
+// in flow control), and an older client never writes on it. Unknown message
+// types are ignored, and the end of the stream means nothing.
+//
 // On failure the server does not answer: it closes the QUIC connection with
 // an application error code ([CodeOK], [CodeServerError], [CodeClientError])
 // and a reason. For client errors the reason is exactly one of
@@ -96,6 +107,41 @@ type RegisterResponse struct {
 	Code     ResponseCode
 	Metadata map[string]string
 	Body     []byte
+}
+
+// ControlMessage travels on the client's side of the register stream after
+// the register request.
+type ControlMessage struct {
+	Type string
+}
+
+// ControlDrain announces that the client leaves: send it no new requests.
+const ControlDrain = "drain"
+
+// WriteControl encodes msg onto w.
+func WriteControl(w io.Writer, msg *ControlMessage) error {
+	return msgpack.NewEncoder(w).Encode(msg)
+}
+
+// ControlReader decodes the control messages following a register request.
+type ControlReader struct {
+	dec *msgpack.Decoder
+}
+
+// NewControlReader reads control messages from r, at most
+// [MaxMessageSize] bytes over its whole life: the stream carries a handful
+// of tiny messages, so more is a misbehaving peer.
+func NewControlReader(r io.Reader) *ControlReader {
+	return &ControlReader{dec: msgpack.NewDecoder(io.LimitReader(r, MaxMessageSize))}
+}
+
+// Next returns the next message; io.EOF when the peer closed the stream.
+func (c *ControlReader) Next() (*ControlMessage, error) {
+	var msg ControlMessage
+	if err := c.dec.Decode(&msg); err != nil {
+		return nil, err
+	}
+	return &msg, nil
 }
 
 // Authorization returns the credentials presented in the request metadata.
