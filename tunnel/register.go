@@ -3,6 +3,7 @@ package tunnel
 import (
 	"context"
 	"errors"
+	"log/slog"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -16,7 +17,7 @@ func (s *Server) handle(conn *quic.Conn) {
 	defer s.untrack(conn)
 	log := s.logger().With("remote", conn.RemoteAddr().String())
 
-	g, err := s.register(conn)
+	g, stream, err := s.register(conn)
 	if err != nil {
 		code, reason, result := closeFor(err)
 		if g != nil {
@@ -47,6 +48,7 @@ func (s *Server) handle(conn *quic.Conn) {
 	s.Metrics.registration(g.name, "ok")
 	s.Metrics.setMembers(g.name, g.size())
 	log.Info("member registered", "group", g.name, "members", g.size())
+	go s.control(stream, m, log.With("group", g.name))
 
 	<-conn.Context().Done()
 	if g.remove(m) {
@@ -58,7 +60,7 @@ func (s *Server) handle(conn *quic.Conn) {
 // register reads, authenticates and answers the register request on the
 // first stream. The returned group is non-nil whenever the request named a
 // known group, so that failures can be attributed.
-func (s *Server) register(conn *quic.Conn) (*group, error) {
+func (s *Server) register(conn *quic.Conn) (*group, *quic.Stream, error) {
 	timeout := s.RegisterTimeout
 	if timeout <= 0 {
 		timeout = DefaultRegisterTimeout
@@ -68,33 +70,48 @@ func (s *Server) register(conn *quic.Conn) (*group, error) {
 
 	stream, err := conn.AcceptStream(ctx)
 	if err != nil {
-		return nil, errors.Join(protocol.ErrBadRequest, errTimeout, err)
+		return nil, nil, errors.Join(protocol.ErrBadRequest, errTimeout, err)
 	}
 	deadline, _ := ctx.Deadline()
 	_ = stream.SetDeadline(deadline)
 	req, err := protocol.ReadRequest(stream)
 	if err != nil {
 		stream.CancelRead(0)
-		return nil, err
+		return nil, nil, err
 	}
 
 	g := s.table.Load().lookupName(req.TunnelGroup)
 	if g == nil {
-		return nil, protocol.ErrNotFound
+		return nil, nil, protocol.ErrNotFound
 	}
 	if auth := g.authenticator(); auth != nil {
 		if err := auth.Authenticate(ctx, req.Metadata); err != nil {
-			return g, err
+			return g, nil, err
 		}
 	}
 	if err := protocol.WriteResponse(stream, &protocol.RegisterResponse{Version: protocol.Version, Code: protocol.ResponseOK}); err != nil {
-		return g, err
+		return g, nil, err
 	}
 	_ = stream.SetDeadline(time.Time{})
-	// The client's side of the stream stays open; an older client may
-	// never close it, so nothing waits for it.
+	// Our side is done; the client's side stays open for control messages.
 	_ = stream.Close()
-	return g, nil
+	return g, stream, nil
+}
+
+// control reads the member's control messages until its stream or
+// connection ends. A client that never sends any is an older client.
+func (s *Server) control(stream *quic.Stream, m *member, log *slog.Logger) {
+	r := protocol.NewControlReader(stream)
+	for {
+		msg, err := r.Next()
+		if err != nil {
+			stream.CancelRead(0)
+			return
+		}
+		if msg.Type == protocol.ControlDrain && !m.draining.Swap(true) {
+			log.Info("member draining")
+		}
+	}
 }
 
 var errTimeout = errors.New("no register request in time")
