@@ -66,7 +66,7 @@ const (
 // Authenticator the Factory builds, across groups and reloads. Keeping one
 // Factory for the life of the process is what keeps the cache warm over a
 // reload; cache keys include the endpoint, so a group whose endpoint changes
-// starts cold.
+// starts cold. A Factory must not be copied after first use.
 type Factory struct {
 	// Logger receives debug lines about decisions; nil discards them.
 	Logger *slog.Logger
@@ -95,7 +95,10 @@ type Factory struct {
 	// DefaultExternalTimeout.
 	ExternalTimeout time.Duration
 
-	// Registerer receives the Factory's metrics; nil means no metrics.
+	// Registerer receives the Factory's metrics; nil means no metrics:
+	// reverst_auth_external_requests_total{result=allow|deny|error},
+	// reverst_auth_external_request_duration_seconds{result},
+	// reverst_auth_external_cache_hits_total and _misses_total.
 	Registerer prometheus.Registerer
 
 	once     sync.Once
