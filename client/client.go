@@ -1,0 +1,535 @@
+// Package client lets an [http.Handler] behind NAT or a firewall serve
+// requests that arrive at a reverst tunnel server.
+//
+// A [Server] dials the tunnel server over QUIC, registers in a tunnel
+// group, and then serves HTTP/3 on that same connection: the roles flip,
+// and the tunnel server sends its visitors' requests to the handler. When
+// the connection drops or the tunnel server cannot be reached, the Server
+// dials again with capped exponential backoff and jitter, for as long as
+// the context given to [Server.DialAndServe] lives. Only a refusal that
+// retrying cannot fix ([ErrUnauthorized], [ErrBadRequest], and by default
+// [ErrNotFound]) ends it early.
+//
+//	srv := &client.Server{
+//		TunnelGroup:   "flipt.dev.local",
+//		Handler:       mux,
+//		Authenticator: client.BasicAuthenticator("user", "pass"),
+//	}
+//	err := srv.DialAndServe(ctx, "tunnel.example.com:7171")
+//
+// The wire protocol is described in package protocol.
+package client
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/http3"
+
+	"github.com/reverst-dev/reverst/protocol"
+)
+
+// Errors returned by [Server.DialAndServe]. The refusals are the protocol
+// package's sentinels, so errors.Is matches either name.
+var (
+	// ErrUnauthorized: the tunnel server rejected the credentials.
+	ErrUnauthorized = protocol.ErrUnauthorized
+	// ErrNotFound: the tunnel server has no group with that name.
+	ErrNotFound = protocol.ErrNotFound
+	// ErrBadRequest: the tunnel server could not accept the register
+	// request (malformed, unsupported version, empty group).
+	ErrBadRequest = protocol.ErrBadRequest
+	// ErrServerClosed is returned by DialAndServe after Shutdown or Close,
+	// or once its context is done. It is [http.ErrServerClosed], so code
+	// that already checks for that keeps working.
+	ErrServerClosed = http.ErrServerClosed
+)
+
+// Defaults used for zero-valued [Server] fields.
+const (
+	DefaultMinBackoff      = 100 * time.Millisecond
+	DefaultMaxBackoff      = time.Second
+	DefaultRegisterTimeout = 10 * time.Second
+)
+
+// Defaults of the QUIC configuration used when [Server.QUICConfig] is nil.
+const (
+	// DefaultHandshakeIdleTimeout bounds one dial of an unreachable server.
+	// Together with DefaultMaxBackoff it keeps a dial in flight almost
+	// continuously during an outage, so that the tunnel is back within
+	// about a second of the server.
+	DefaultHandshakeIdleTimeout = 1500 * time.Millisecond
+	// DefaultKeepAlivePeriod keeps NAT bindings open and lets either side
+	// notice a dead peer.
+	DefaultKeepAlivePeriod = 2 * time.Second
+	// DefaultMaxIdleTimeout is how long a silent connection lives; the
+	// effective value is the smaller of the client's and the server's.
+	DefaultMaxIdleTimeout = 6 * time.Second
+)
+
+// closing reasons sent with protocol.CodeOK.
+const (
+	reasonShutdown = "client shutting down"
+	reasonClosed   = "client closed"
+)
+
+// A Server registers with a reverst tunnel server and serves Handler to
+// it. The zero value is not usable only because TunnelGroup must be set;
+// every other field has a useful default. Fields must not be changed once
+// DialAndServe has been called.
+//
+// DialAndServe may be called several times, concurrently, for different
+// tunnel server addresses; Shutdown and Close act on all of them.
+type Server struct {
+	// TunnelGroup is the name of the group to join. Required.
+	TunnelGroup string
+
+	// Handler serves the requests the tunnel server forwards. They carry
+	// the visitor's Host header. If nil, [http.DefaultServeMux] is used.
+	// A panic in Handler answers 500 to that request (or resets its stream
+	// if the response had already started) and never ends the tunnel.
+	Handler http.Handler
+
+	// TLSConfig verifies the tunnel server. If nil, the system roots are
+	// used. It is cloned, never modified: the clone's NextProtos is set to
+	// the tunnel ALPN, and its ServerName, when empty, to the host part of
+	// the address given to DialAndServe.
+	TLSConfig *tls.Config
+
+	// QUICConfig configures the QUIC connection; it is cloned. If nil, a
+	// configuration with DefaultHandshakeIdleTimeout, DefaultKeepAlivePeriod
+	// and DefaultMaxIdleTimeout is used. Without a KeepAlivePeriod an idle
+	// tunnel may be dropped by NATs and time out.
+	QUICConfig *quic.Config
+
+	// Authenticator adds credentials to each register request. If nil, the
+	// request carries none, which only an open group accepts.
+	Authenticator Authenticator
+
+	// Logger receives the Server's log lines. If nil, [slog.Default] is
+	// used. Credentials are never logged.
+	Logger *slog.Logger
+
+	// OnConnectionReady, if set, is called after each successful
+	// registration, before the first request is served on the connection.
+	// It is called synchronously and should return quickly.
+	OnConnectionReady func(ConnectionInfo)
+
+	// MinBackoff and MaxBackoff bound the delay between connection
+	// attempts, measured from the start of the previous attempt (or from
+	// the end of a connection that was registered): the delay starts at
+	// MinBackoff, doubles after each failure up to MaxBackoff, and is
+	// jittered into [d/2, d]. Zero means DefaultMinBackoff and
+	// DefaultMaxBackoff.
+	MinBackoff time.Duration
+	MaxBackoff time.Duration
+
+	// RegisterTimeout bounds the register exchange after the QUIC
+	// handshake. Zero means DefaultRegisterTimeout.
+	RegisterTimeout time.Duration
+
+	// RetryNotFound makes DialAndServe treat an unknown tunnel group like
+	// any other failure and keep retrying, for groups that appear when the
+	// server reloads its configuration. By default it returns ErrNotFound.
+	RetryNotFound bool
+
+	mu     sync.Mutex
+	closed bool
+	done   chan struct{} // closed by Shutdown and Close
+	conns  map[*tunnelConn]struct{}
+}
+
+// ConnectionInfo describes a registered tunnel connection.
+type ConnectionInfo struct {
+	// Addr is the address given to DialAndServe.
+	Addr string
+	// LocalAddr and RemoteAddr are the UDP addresses of the connection.
+	LocalAddr, RemoteAddr net.Addr
+	// Response is the tunnel server's register response.
+	Response *protocol.RegisterResponse
+}
+
+// DialAndServe connects to the tunnel server at addr (host:port), registers
+// in s.TunnelGroup and serves s.Handler until the connection ends, then
+// connects again, with backoff, until ctx is done or Shutdown or Close is
+// called.
+//
+// It always returns a non-nil error. After Shutdown or Close, or when ctx
+// is done, the error matches [ErrServerClosed] (and, for ctx, also the
+// context's cause, such as [context.Canceled]). When the server refuses
+// the registration it returns at once, without retrying, an error matching
+// [ErrUnauthorized], [ErrBadRequest] or, unless RetryNotFound is set,
+// [ErrNotFound]. Any other failure (unreachable server, TLS errors, server
+// errors, a dropped connection) is logged and retried.
+//
+// Cancelling ctx closes a served connection at once; use Shutdown to let
+// requests in flight finish.
+func (s *Server) DialAndServe(ctx context.Context, addr string) error {
+	if s.TunnelGroup == "" {
+		return fmt.Errorf("client: %w: empty TunnelGroup", ErrBadRequest)
+	}
+	tlsConf, err := s.tlsConfig(addr)
+	if err != nil {
+		return err
+	}
+	quicConf := s.quicConfig()
+	log := s.logger().With("tunnel_address", addr, "group", s.TunnelGroup)
+
+	done, ok := s.doneChan()
+	if !ok {
+		return ErrServerClosed
+	}
+	// dialCtx bounds dialing, registering and waiting between attempts. A
+	// served connection is bound by ctx only: Shutdown drains it instead.
+	dialCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	go func() {
+		select {
+		case <-done:
+			cancel()
+		case <-dialCtx.Done():
+		}
+	}()
+
+	var (
+		failures int
+		lastErr  string
+	)
+	for {
+		start := time.Now()
+		tc, err := s.connect(dialCtx, addr, tlsConf, quicConf)
+		if err == nil {
+			log.Info("tunnel registered", "remote", tc.conn.RemoteAddr().String())
+			err = s.serve(ctx, addr, tc)
+			if time.Since(start) >= s.maxBackoff() {
+				// Only a connection that lasted resets the backoff, so
+				// that a server accepting and dropping at once is not
+				// hammered.
+				failures = 0
+			}
+			start = time.Now()
+		}
+		if err := s.stopped(ctx); err != nil {
+			return err
+		}
+		if s.permanent(err) {
+			log.Error("tunnel registration refused", "error", err)
+			return err
+		}
+
+		delay := backoff(s.minBackoff(), s.maxBackoff(), failures)
+		failures++
+		wait := max(time.Until(start.Add(delay)), 0)
+		level := slog.LevelDebug
+		if msg := err.Error(); msg != lastErr {
+			// Repeats of the same failure during an outage go to debug.
+			level, lastErr = slog.LevelWarn, msg
+		}
+		log.Log(ctx, level, "tunnel connection failed, retrying", "error", err, "attempt", failures, "retry_in", wait.Round(time.Millisecond))
+
+		timer := time.NewTimer(wait)
+		select {
+		case <-timer.C:
+		case <-dialCtx.Done():
+			timer.Stop()
+		}
+	}
+}
+
+// Shutdown stops s gracefully: DialAndServe stops connecting, each
+// registered connection keeps serving until no request is in flight, then
+// is closed with [protocol.CodeOK]. Shutdown returns once every connection
+// has been closed and its handlers have returned, or when ctx is done, in
+// which case the remaining connections are closed at once and ctx's error
+// is returned.
+//
+// The tunnel server is not told in advance, so it may keep sending new
+// requests while the connection drains; they are served too, and the
+// connection is closed at the first moment none is in flight.
+func (s *Server) Shutdown(ctx context.Context) error {
+	conns := s.close()
+	for _, tc := range conns {
+		tc.drain()
+	}
+	for _, tc := range conns {
+		select {
+		case <-tc.done:
+		case <-ctx.Done():
+			for _, tc := range conns {
+				tc.close(reasonShutdown)
+			}
+			return ctx.Err()
+		}
+	}
+	return nil
+}
+
+// Close stops s at once: DialAndServe stops connecting and every
+// registered connection is closed with [protocol.CodeOK], failing the
+// requests in flight. It does not wait for handlers to return.
+func (s *Server) Close() error {
+	for _, tc := range s.close() {
+		tc.close(reasonClosed)
+	}
+	return nil
+}
+
+// connect dials addr and registers. The returned connection is tracked.
+func (s *Server) connect(ctx context.Context, addr string, tlsConf *tls.Config, quicConf *quic.Config) (*tunnelConn, error) {
+	conn, err := quic.DialAddr(ctx, addr, tlsConf, quicConf)
+	if err != nil {
+		return nil, fmt.Errorf("dialing: %w", err)
+	}
+	resp, err := s.register(ctx, conn)
+	if err != nil {
+		_ = conn.CloseWithError(protocol.CodeOK, reasonClosed)
+		return nil, fmt.Errorf("registering: %w", err)
+	}
+	tc := newTunnelConn(conn, resp, s.handler(), s.logger())
+	if !s.track(tc) {
+		_ = conn.CloseWithError(protocol.CodeOK, reasonShutdown)
+		return nil, ErrServerClosed
+	}
+	return tc, nil
+}
+
+// register runs the register exchange on the first stream of conn.
+func (s *Server) register(ctx context.Context, conn *quic.Conn) (*protocol.RegisterResponse, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.registerTimeout())
+	defer cancel()
+	// Closing the connection is the one way to interrupt every blocking
+	// step below at once, including the response read.
+	stop := context.AfterFunc(ctx, func() { _ = conn.CloseWithError(protocol.CodeOK, reasonClosed) })
+	defer stop()
+
+	req := &protocol.RegisterRequest{
+		Version:     protocol.Version,
+		TunnelGroup: s.TunnelGroup,
+		Metadata:    map[string]string{},
+	}
+	if s.Authenticator != nil {
+		if err := s.Authenticator.Authenticate(ctx, req); err != nil {
+			return nil, fmt.Errorf("authenticator: %w", err)
+		}
+	}
+
+	stream, err := conn.OpenStreamSync(ctx)
+	if err != nil {
+		return nil, closeError(conn, err)
+	}
+	if err := protocol.WriteRequest(stream, req); err != nil {
+		return nil, closeError(conn, err)
+	}
+	// Nothing more will be sent on this stream. Servers do not wait for
+	// the FIN, so this is only tidiness.
+	_ = stream.Close()
+	resp, err := protocol.ReadResponse(stream)
+	if err != nil {
+		if resp != nil {
+			// A legacy refusal code in a decoded response.
+			return nil, err
+		}
+		return nil, closeError(conn, err)
+	}
+	stream.CancelRead(0)
+	return resp, nil
+}
+
+// closeError explains a failed step of the register exchange: when the
+// server closed the connection, its code and reason say why.
+func closeError(conn *quic.Conn, err error) error {
+	if mapped := protocol.CloseError(err); mapped != err {
+		return mapped
+	}
+	if conn.Context().Err() != nil {
+		return protocol.CloseError(context.Cause(conn.Context()))
+	}
+	return err
+}
+
+// serve serves HTTP/3 on a registered connection until it ends, and
+// returns why it ended.
+func (s *Server) serve(ctx context.Context, addr string, tc *tunnelConn) error {
+	defer s.untrack(tc)
+	defer close(tc.done)
+
+	if s.OnConnectionReady != nil {
+		s.OnConnectionReady(ConnectionInfo{
+			Addr:       addr,
+			LocalAddr:  tc.conn.LocalAddr(),
+			RemoteAddr: tc.conn.RemoteAddr(),
+			Response:   tc.resp,
+		})
+	}
+	stop := context.AfterFunc(ctx, func() { tc.close(reasonClosed) })
+	defer stop()
+
+	// The http3.Server is never shut down: its GOAWAY carries a stream ID
+	// the tunnel server rejects in the reversed roles (see the protocol
+	// doc). The connection is closed by us or by the peer instead.
+	h3 := &http3.Server{Handler: tc, Logger: s.Logger}
+	serveErr := h3.ServeQUICConn(tc.conn)
+	// ServeQUICConn can also fail on a live connection (no control
+	// stream); do not leave it open.
+	tc.close(reasonClosed)
+
+	cause := protocol.CloseError(context.Cause(tc.conn.Context()))
+	if serveErr != nil && !errors.Is(serveErr, cause) {
+		return fmt.Errorf("tunnel connection closed: %w (serving: %v)", cause, serveErr)
+	}
+	return fmt.Errorf("tunnel connection closed: %w", cause)
+}
+
+// permanent reports whether err is a refusal that retrying cannot fix.
+func (s *Server) permanent(err error) bool {
+	return errors.Is(err, ErrUnauthorized) ||
+		errors.Is(err, ErrBadRequest) ||
+		(!s.RetryNotFound && errors.Is(err, ErrNotFound))
+}
+
+// stopped returns the error DialAndServe ends with once s is closed or ctx
+// is done, and nil otherwise.
+func (s *Server) stopped(ctx context.Context) error {
+	s.mu.Lock()
+	closed := s.closed
+	s.mu.Unlock()
+	if closed {
+		return ErrServerClosed
+	}
+	if ctx.Err() != nil {
+		return fmt.Errorf("%w: %w", ErrServerClosed, context.Cause(ctx))
+	}
+	return nil
+}
+
+func (s *Server) doneChan() (<-chan struct{}, bool) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.done == nil {
+		s.done = make(chan struct{})
+	}
+	return s.done, !s.closed
+}
+
+// close marks s closed and returns the connections to stop.
+func (s *Server) close() []*tunnelConn {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if !s.closed {
+		s.closed = true
+		if s.done == nil {
+			s.done = make(chan struct{})
+		}
+		close(s.done)
+	}
+	conns := make([]*tunnelConn, 0, len(s.conns))
+	for tc := range s.conns {
+		conns = append(conns, tc)
+	}
+	return conns
+}
+
+// track adds tc to the connections Shutdown and Close act on. It reports
+// false when s is already closed.
+func (s *Server) track(tc *tunnelConn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	if s.conns == nil {
+		s.conns = make(map[*tunnelConn]struct{})
+	}
+	s.conns[tc] = struct{}{}
+	return true
+}
+
+func (s *Server) untrack(tc *tunnelConn) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.conns, tc)
+}
+
+func (s *Server) tlsConfig(addr string) (*tls.Config, error) {
+	host, _, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("client: tunnel address %q: %w", addr, err)
+	}
+	conf := &tls.Config{}
+	if s.TLSConfig != nil {
+		conf = s.TLSConfig.Clone()
+	}
+	conf.NextProtos = []string{protocol.ALPN}
+	if conf.ServerName == "" {
+		conf.ServerName = host
+	}
+	return conf, nil
+}
+
+func (s *Server) quicConfig() *quic.Config {
+	if s.QUICConfig != nil {
+		return s.QUICConfig.Clone()
+	}
+	return &quic.Config{
+		HandshakeIdleTimeout: DefaultHandshakeIdleTimeout,
+		KeepAlivePeriod:      DefaultKeepAlivePeriod,
+		MaxIdleTimeout:       DefaultMaxIdleTimeout,
+	}
+}
+
+func (s *Server) handler() http.Handler {
+	if s.Handler != nil {
+		return s.Handler
+	}
+	return http.DefaultServeMux
+}
+
+func (s *Server) logger() *slog.Logger {
+	if s.Logger != nil {
+		return s.Logger
+	}
+	return slog.Default()
+}
+
+func (s *Server) minBackoff() time.Duration {
+	if s.MinBackoff > 0 {
+		return s.MinBackoff
+	}
+	return DefaultMinBackoff
+}
+
+func (s *Server) maxBackoff() time.Duration {
+	if s.MaxBackoff > 0 {
+		return max(s.MaxBackoff, s.minBackoff())
+	}
+	return max(DefaultMaxBackoff, s.minBackoff())
+}
+
+func (s *Server) registerTimeout() time.Duration {
+	if s.RegisterTimeout > 0 {
+		return s.RegisterTimeout
+	}
+	return DefaultRegisterTimeout
+}
+
+// backoff returns the jittered delay before the attempt that follows
+// failures consecutive failures: lo doubled per failure, capped at hi, then
+// drawn from [d/2, d] so that many clients cut off together do not come
+// back together.
+func backoff(lo, hi time.Duration, failures int) time.Duration {
+	d := lo
+	for i := 0; i < failures && d < hi; i++ {
+		d *= 2
+	}
+	d = min(d, hi)
+	return d/2 + rand.N(d/2+1)
+}

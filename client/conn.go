@@ -1,0 +1,180 @@
+package client
+
+import (
+	"context"
+	"log/slog"
+	"net/http"
+	"runtime/debug"
+	"sync"
+	"time"
+
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/http3"
+
+	"github.com/reverst-dev/reverst/protocol"
+)
+
+// tunnelConn is one registered connection. It is the http.Handler given
+// to the connection's http3.Server: it counts the requests in flight, so
+// that Shutdown can close the connection once none is, and it turns a
+// handler panic into a 500.
+type tunnelConn struct {
+	conn    *quic.Conn
+	resp    *protocol.RegisterResponse
+	handler http.Handler
+	log     *slog.Logger
+	done    chan struct{} // closed when serving has ended and handlers returned
+
+	mu       sync.Mutex
+	active   int  // requests whose response stream is not finished
+	draining bool // Shutdown was called: close when active drops to 0
+}
+
+func newTunnelConn(conn *quic.Conn, resp *protocol.RegisterResponse, h http.Handler, log *slog.Logger) *tunnelConn {
+	return &tunnelConn{
+		conn:    conn,
+		resp:    resp,
+		handler: h,
+		log:     log,
+		done:    make(chan struct{}),
+	}
+}
+
+func (tc *tunnelConn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	tc.mu.Lock()
+	tc.active++
+	tc.mu.Unlock()
+	// http3 cancels the request context once the response stream is
+	// finished (FIN queued or stream reset), which is after this handler
+	// returns: only then may the connection be closed without cutting the
+	// response short.
+	context.AfterFunc(r.Context(), tc.release)
+
+	rw := &responseWriter{ResponseWriter: w}
+	defer func() {
+		p := recover()
+		if p == nil {
+			return
+		}
+		if p == http.ErrAbortHandler {
+			panic(p)
+		}
+		tc.log.Error("panic serving tunnel request", "method", r.Method, "path", r.URL.Path, "panic", p, "stack", string(debug.Stack()))
+		if rw.wroteHeader {
+			// Too late for a status: reset the stream so that the peer
+			// does not take a truncated response for a complete one.
+			panic(http.ErrAbortHandler)
+		}
+		http.Error(w, "internal server error", http.StatusInternalServerError)
+	}()
+	tc.handler.ServeHTTP(rw, r)
+}
+
+func (tc *tunnelConn) release() {
+	tc.mu.Lock()
+	tc.active--
+	idle := tc.draining && tc.active == 0
+	tc.mu.Unlock()
+	if idle {
+		go tc.closeWhenQuiet()
+	}
+}
+
+// drain makes the connection close as soon as no request is in flight.
+func (tc *tunnelConn) drain() {
+	tc.mu.Lock()
+	tc.draining = true
+	idle := tc.active == 0
+	tc.mu.Unlock()
+	if idle {
+		go tc.closeWhenQuiet()
+	}
+}
+
+// closeWhenQuiet closes the connection if it is still idle after a
+// linger. A finished response may still sit in QUIC's send buffer or await
+// retransmission, and CONNECTION_CLOSE would discard it; QUIC offers no
+// "all acknowledged" signal, so wait about one probe timeout, which covers
+// one round trip, the peer's ack delay and a retransmission's worth of
+// slack.
+func (tc *tunnelConn) closeWhenQuiet() {
+	stats := tc.conn.ConnectionStats()
+	linger := 2 * (stats.SmoothedRTT + max(4*stats.MeanDeviation, time.Millisecond) + 25*time.Millisecond)
+	timer := time.NewTimer(linger)
+	defer timer.Stop()
+	select {
+	case <-timer.C:
+	case <-tc.conn.Context().Done():
+		return
+	}
+	tc.mu.Lock()
+	idle := tc.active == 0
+	tc.mu.Unlock()
+	// When a request arrived meanwhile, its release starts another wait.
+	if idle {
+		tc.close(reasonShutdown)
+	}
+}
+
+// close closes the connection at once; it is a no-op on a closed one.
+func (tc *tunnelConn) close(reason string) {
+	_ = tc.conn.CloseWithError(protocol.CodeOK, reason)
+}
+
+// responseWriter records whether the response has started, for the panic
+// handler, and forwards the optional interfaces of the http3 writer.
+type responseWriter struct {
+	http.ResponseWriter
+	wroteHeader bool
+}
+
+func (w *responseWriter) WriteHeader(code int) {
+	if code >= 200 || code == http.StatusSwitchingProtocols {
+		w.wroteHeader = true
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *responseWriter) Write(b []byte) (int, error) {
+	w.wroteHeader = true
+	return w.ResponseWriter.Write(b)
+}
+
+// Flush implements http.Flusher.
+func (w *responseWriter) Flush() {
+	w.wroteHeader = true
+	if f, ok := w.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+
+// FlushError is used by http.ResponseController.
+func (w *responseWriter) FlushError() error {
+	w.wroteHeader = true
+	return http.NewResponseController(w.ResponseWriter).Flush()
+}
+
+// HTTPStream implements http3.HTTPStreamer, for handlers that take over
+// the stream.
+func (w *responseWriter) HTTPStream() (*http3.Stream, error) {
+	w.wroteHeader = true
+	s, ok := w.ResponseWriter.(http3.HTTPStreamer)
+	if !ok {
+		return nil, http.ErrNotSupported
+	}
+	return s.HTTPStream()
+}
+
+// Unwrap lets http.ResponseController reach the http3 writer's deadlines
+// and other extensions.
+func (w *responseWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// ReceivedSettings implements http3.Settingser.
+func (w *responseWriter) ReceivedSettings() <-chan struct{} {
+	return w.ResponseWriter.(http3.Settingser).ReceivedSettings()
+}
+
+// Settings implements http3.Settingser.
+func (w *responseWriter) Settings() *http3.Settings {
+	return w.ResponseWriter.(http3.Settingser).Settings()
+}
