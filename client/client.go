@@ -245,16 +245,17 @@ func (s *Server) DialAndServe(ctx context.Context, addr string) error {
 	}
 }
 
-// Shutdown stops s gracefully: DialAndServe stops connecting, each
-// registered connection keeps serving until no request is in flight, then
-// is closed with [protocol.CodeOK]. Shutdown returns once every connection
-// has been closed and its handlers have returned, or when ctx is done, in
-// which case the remaining connections are closed at once and ctx's error
-// is returned.
+// Shutdown stops s gracefully: DialAndServe stops connecting, and each
+// registered connection tells the tunnel server it is draining (the
+// protocol's drain control message), keeps serving until no request is in
+// flight, then is closed with [protocol.CodeOK]. Shutdown returns once
+// every connection has been closed and its handlers have returned, or when
+// ctx is done, in which case the remaining connections are closed at once
+// and ctx's error is returned.
 //
-// The tunnel server is not told in advance, so it may keep sending new
-// requests while the connection drains; they are served too, and the
-// connection is closed at the first moment none is in flight.
+// A server that does not know the drain message keeps sending requests
+// while the connection drains; they are served too, and the connection is
+// closed at the first moment none is in flight.
 func (s *Server) Shutdown(ctx context.Context) error {
 	conns := s.close()
 	for _, tc := range conns {
@@ -289,12 +290,12 @@ func (s *Server) connect(ctx context.Context, addr string, tlsConf *tls.Config, 
 	if err != nil {
 		return nil, fmt.Errorf("dialing: %w", err)
 	}
-	resp, err := s.register(ctx, conn)
+	control, resp, err := s.register(ctx, conn)
 	if err != nil {
 		_ = conn.CloseWithError(protocol.CodeOK, reasonClosed)
 		return nil, fmt.Errorf("registering: %w", err)
 	}
-	tc := newTunnelConn(conn, resp, s.handler(), s.logger())
+	tc := newTunnelConn(conn, control, resp, s.handler(), s.logger())
 	if !s.track(tc) {
 		_ = conn.CloseWithError(protocol.CodeOK, reasonShutdown)
 		return nil, ErrServerClosed
@@ -302,8 +303,9 @@ func (s *Server) connect(ctx context.Context, addr string, tlsConf *tls.Config, 
 	return tc, nil
 }
 
-// register runs the register exchange on the first stream of conn.
-func (s *Server) register(ctx context.Context, conn *quic.Conn) (*protocol.RegisterResponse, error) {
+// register runs the register exchange on the first stream of conn, and
+// returns that stream for control messages.
+func (s *Server) register(ctx context.Context, conn *quic.Conn) (*quic.Stream, *protocol.RegisterResponse, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.registerTimeout())
 	defer cancel()
 	// Closing the connection is the one way to interrupt every blocking
@@ -318,30 +320,28 @@ func (s *Server) register(ctx context.Context, conn *quic.Conn) (*protocol.Regis
 	}
 	if s.Authenticator != nil {
 		if err := s.Authenticator.Authenticate(ctx, req); err != nil {
-			return nil, fmt.Errorf("authenticator: %w", err)
+			return nil, nil, fmt.Errorf("authenticator: %w", err)
 		}
 	}
 
 	stream, err := conn.OpenStreamSync(ctx)
 	if err != nil {
-		return nil, closeError(conn, err)
+		return nil, nil, closeError(conn, err)
 	}
 	if err := protocol.WriteRequest(stream, req); err != nil {
-		return nil, closeError(conn, err)
+		return nil, nil, closeError(conn, err)
 	}
-	// Nothing more will be sent on this stream. Servers do not wait for
-	// the FIN, so this is only tidiness.
-	_ = stream.Close()
 	resp, err := protocol.ReadResponse(stream)
 	if err != nil {
 		if resp != nil {
 			// A legacy refusal code in a decoded response.
-			return nil, err
+			return nil, nil, err
 		}
-		return nil, closeError(conn, err)
+		return nil, nil, closeError(conn, err)
 	}
-	stream.CancelRead(0)
-	return resp, nil
+	// Our side of the stream stays open for control messages (drain).
+	_ = stream.SetDeadline(time.Time{})
+	return stream, resp, nil
 }
 
 // closeError explains a failed step of the register exchange: when the

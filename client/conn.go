@@ -20,6 +20,7 @@ import (
 // handler panic into a 500.
 type tunnelConn struct {
 	conn    *quic.Conn
+	control *quic.Stream // the register stream, our side still open
 	resp    *protocol.RegisterResponse
 	handler http.Handler
 	log     *slog.Logger
@@ -30,9 +31,10 @@ type tunnelConn struct {
 	draining bool // Shutdown was called: close when active drops to 0
 }
 
-func newTunnelConn(conn *quic.Conn, resp *protocol.RegisterResponse, h http.Handler, log *slog.Logger) *tunnelConn {
+func newTunnelConn(conn *quic.Conn, control *quic.Stream, resp *protocol.RegisterResponse, h http.Handler, log *slog.Logger) *tunnelConn {
 	return &tunnelConn{
 		conn:    conn,
+		control: control,
 		resp:    resp,
 		handler: h,
 		log:     log,
@@ -80,10 +82,22 @@ func (tc *tunnelConn) release() {
 	}
 }
 
-// drain makes the connection close as soon as no request is in flight.
+// drain tells the tunnel server to send no new requests and makes the
+// connection close as soon as none is in flight.
 func (tc *tunnelConn) drain() {
 	tc.mu.Lock()
+	announce := !tc.draining
 	tc.draining = true
+	tc.mu.Unlock()
+	if announce {
+		// A few bytes that fit in any flow-control window; the deadline
+		// only guards against a peer that never grants credit.
+		_ = tc.control.SetWriteDeadline(time.Now().Add(time.Second))
+		if err := protocol.WriteControl(tc.control, &protocol.ControlMessage{Type: protocol.ControlDrain}); err != nil {
+			tc.log.Debug("announcing drain failed", "error", err)
+		}
+	}
+	tc.mu.Lock()
 	idle := tc.active == 0
 	tc.mu.Unlock()
 	if idle {
@@ -94,9 +108,9 @@ func (tc *tunnelConn) drain() {
 // closeWhenQuiet closes the connection if it is still idle after a
 // linger. A finished response may still sit in QUIC's send buffer or await
 // retransmission, and CONNECTION_CLOSE would discard it; QUIC offers no
-// "all acknowledged" signal, so wait about one probe timeout, which covers
-// one round trip, the peer's ack delay and a retransmission's worth of
-// slack.
+// "all acknowledged" signal, so wait about two probe timeouts, which cover
+// a round trip, the peer's ack delay and a retransmission. The same wait
+// lets requests the server sent before it read the drain message arrive.
 func (tc *tunnelConn) closeWhenQuiet() {
 	stats := tc.conn.ConnectionStats()
 	linger := 2 * (stats.SmoothedRTT + max(4*stats.MeanDeviation, time.Millisecond) + 25*time.Millisecond)

@@ -90,6 +90,8 @@ type member struct {
 	cc   *http3.ClientConn
 	req  *protocol.RegisterRequest
 	sni  string
+	// drained is closed when the client announces it is draining.
+	drained chan struct{}
 }
 
 // get sends GET path with the test Host to the member and returns the
@@ -224,12 +226,27 @@ func (s *tunnelServer) handle(conn *quic.Conn) {
 		return
 	}
 	_ = stream.Close()
-	s.members <- &member{
-		conn: conn,
-		cc:   (&http3.Transport{}).NewClientConn(conn),
-		req:  req,
-		sni:  conn.ConnectionState().TLS.ServerName,
+	m := &member{
+		conn:    conn,
+		cc:      (&http3.Transport{}).NewClientConn(conn),
+		req:     req,
+		sni:     conn.ConnectionState().TLS.ServerName,
+		drained: make(chan struct{}),
 	}
+	go func() {
+		r := protocol.NewControlReader(stream)
+		for {
+			msg, err := r.Next()
+			if err != nil {
+				return
+			}
+			if msg.Type == protocol.ControlDrain {
+				close(m.drained)
+				return
+			}
+		}
+	}()
+	s.members <- m
 }
 
 // member waits for the next registration.
