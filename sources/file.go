@@ -1,0 +1,131 @@
+package sources
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"path/filepath"
+	"time"
+
+	"github.com/fsnotify/fsnotify"
+
+	"github.com/reverst-dev/reverst/groups"
+)
+
+// file is a definition kept in a file. It watches the file's directory
+// rather than the file, because that is where every way of changing a file
+// shows: a write in place, an editor's write-to-temp-and-rename, a delete
+// and recreate, and the symlink swap of a Kubernetes ConfigMap volume
+// (groups.yml -> ..data/groups.yml, with ..data re-pointed at a new
+// timestamped directory).
+type file struct {
+	path string
+	dir  string
+	opts Options
+	r    *reloader
+}
+
+func newFile(path string, opts Options, m *metrics) *file {
+	if abs, err := filepath.Abs(path); err == nil {
+		path = abs
+	}
+	name := "file " + path
+	return &file{path: path, dir: filepath.Dir(path), opts: opts, r: newReloader(name, opts.Logger, m)}
+}
+
+func (f *file) String() string { return f.r.name }
+
+func (f *file) Status() error { return f.r.Status() }
+
+// Load reads and validates the file.
+func (f *file) Load(context.Context) (*groups.Config, error) {
+	data, err := readFile(f.path, f.opts.MaxBytes)
+	if err != nil {
+		err = fmt.Errorf("%s: %w", f, err)
+		f.r.fail(err)
+		return nil, err
+	}
+	return f.r.load(data)
+}
+
+// Watch follows the file for the life of ctx. When the directory itself
+// goes away it keeps trying to watch it again, with backoff, and reads the
+// file as soon as the watch is back.
+func (f *file) Watch(ctx context.Context, apply func(*groups.Config) error) error {
+	retry := retryBackoff(100*time.Millisecond, f.opts.MaxBackoff)
+	for {
+		err := f.watchDir(ctx, apply, retry.Reset)
+		if ctx.Err() != nil {
+			return ctx.Err()
+		}
+		f.r.fail(fmt.Errorf("%s: watching %s: %w", f, f.dir, err))
+		t := time.NewTimer(retry.NextBackOff())
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return ctx.Err()
+		case <-t.C:
+		}
+	}
+}
+
+var errDirGone = errors.New("directory removed or moved")
+
+// watchDir watches the directory until ctx ends or the watch breaks;
+// watching calls ok once the watch is in place.
+func (f *file) watchDir(ctx context.Context, apply func(*groups.Config) error, ok func()) error {
+	w, err := fsnotify.NewWatcher()
+	if err != nil {
+		return err
+	}
+	defer w.Close()
+	if err := w.Add(f.dir); err != nil {
+		return err
+	}
+	ok()
+	// Read once the watch is in place, so that no change slips between
+	// the read and the watch.
+	f.read(apply)
+
+	debounce := time.NewTimer(time.Hour)
+	debounce.Stop()
+	defer debounce.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case ev, open := <-w.Events:
+			if !open {
+				return errors.New("watcher closed")
+			}
+			if ev.Name == f.dir && ev.Has(fsnotify.Remove|fsnotify.Rename) {
+				return errDirGone
+			}
+			// Any change in the directory may be ours (a symlink chain
+			// can run through other names in it); reading is cheap and
+			// an unchanged file is skipped by its hash.
+			debounce.Reset(f.opts.Debounce)
+		case err, open := <-w.Errors:
+			if !open {
+				return errors.New("watcher closed")
+			}
+			if errors.Is(err, fsnotify.ErrEventOverflow) {
+				// Events were lost: read to be sure.
+				debounce.Reset(f.opts.Debounce)
+				continue
+			}
+			return err
+		case <-debounce.C:
+			f.read(apply)
+		}
+	}
+}
+
+func (f *file) read(apply func(*groups.Config) error) {
+	data, err := readFile(f.path, f.opts.MaxBytes)
+	if err != nil {
+		f.r.fail(fmt.Errorf("%s: %w", f, err))
+		return
+	}
+	_ = f.r.offer(data, apply) // logged and counted by offer
+}

@@ -1,0 +1,231 @@
+package sources
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"slices"
+	"strings"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+func openFile(t *testing.T, path string) (Source, *prometheus.Registry) {
+	t.Helper()
+	reg := prometheus.NewRegistry()
+	src, err := Open(path, Options{Registerer: reg, Debounce: 20e6})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return src, reg
+}
+
+func writeFile(t *testing.T, path string, data []byte) {
+	t.Helper()
+	if err := os.WriteFile(path, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// kubeVolume lays out dir the way the kubelet does for a ConfigMap
+// volume: groups.yml -> ..data/groups.yml, ..data -> ..<version>.
+func kubeVolume(t *testing.T, dir, version string, data []byte) {
+	t.Helper()
+	ts := filepath.Join(dir, ".."+version)
+	if err := os.Mkdir(ts, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(ts, "groups.yml"), data)
+	tmp := filepath.Join(dir, "..data_tmp")
+	if err := os.Symlink(".."+version, tmp); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, filepath.Join(dir, "..data")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Lstat(filepath.Join(dir, "groups.yml")); errors.Is(err, os.ErrNotExist) {
+		if err := os.Symlink(filepath.Join("..data", "groups.yml"), filepath.Join(dir, "groups.yml")); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func TestFileChangeStyles(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		// change replaces the definition with data; n counts the changes.
+		change func(t *testing.T, dir, path string, data []byte, n int)
+	}{{
+		name: "write in place",
+		change: func(t *testing.T, dir, path string, data []byte, n int) {
+			writeFile(t, path, data)
+		},
+	}, {
+		name: "write temp and rename",
+		change: func(t *testing.T, dir, path string, data []byte, n int) {
+			tmp := filepath.Join(dir, ".groups.yml.swp")
+			writeFile(t, tmp, data)
+			if err := os.Rename(tmp, path); err != nil {
+				t.Fatal(err)
+			}
+		},
+	}, {
+		name: "delete and recreate",
+		change: func(t *testing.T, dir, path string, data []byte, n int) {
+			if err := os.Remove(path); err != nil {
+				t.Fatal(err)
+			}
+			writeFile(t, path, data)
+		},
+	}, {
+		name: "kubernetes symlink swap",
+		change: func(t *testing.T, dir, path string, data []byte, n int) {
+			kubeVolume(t, dir, fmt.Sprintf("2026_01_01_00_00_%02d.%d", n, n), data)
+			if n > 0 {
+				old := filepath.Join(dir, fmt.Sprintf("..2026_01_01_00_00_%02d.%d", n-1, n-1))
+				if err := os.RemoveAll(old); err != nil {
+					t.Fatal(err)
+				}
+			}
+		},
+	}, {
+		name: "directory removed and recreated",
+		change: func(t *testing.T, dir, path string, data []byte, n int) {
+			if err := os.RemoveAll(dir); err != nil {
+				t.Fatal(err)
+			}
+			if err := os.Mkdir(dir, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			writeFile(t, path, data)
+		},
+	}} {
+		t.Run(tc.name, func(t *testing.T) {
+			dir := filepath.Join(t.TempDir(), "config")
+			if err := os.Mkdir(dir, 0o755); err != nil {
+				t.Fatal(err)
+			}
+			path := filepath.Join(dir, "groups.yml")
+			if tc.name == "kubernetes symlink swap" {
+				tc.change(t, dir, path, definition("a"), 0)
+			} else {
+				writeFile(t, path, definition("a"))
+			}
+			src, reg := openFile(t, path)
+			cfg, err := src.Load(context.Background())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got := cfg.Names(); !slices.Equal(got, []string{"a"}) {
+				t.Fatalf("Load: groups %v, want [a]", got)
+			}
+			a := newApplied()
+			watch(t, src, a)
+
+			// The first change may be caught by Watch's initial read; once
+			// it is applied that read is behind us, so the second change
+			// can only be seen through the watch.
+			tc.change(t, dir, path, definition("b"), 1)
+			a.waitLast(t, "b")
+			tc.change(t, dir, path, definition("c"), 2)
+			a.waitLast(t, "c")
+			if err := src.Status(); err != nil {
+				t.Errorf("Status after a good change: %v", err)
+			}
+			// Load's definition is never applied again, and each change
+			// is applied once.
+			if calls, want := a.snapshot(), [][]string{{"b"}, {"c"}}; !slices.EqualFunc(calls, want, slices.Equal) {
+				t.Errorf("applied %v, want %v", calls, want)
+			}
+			if got := reloads(t, reg, src.String(), "success"); got != 3 {
+				t.Errorf("success reloads = %v, want 3 (load and two changes)", got)
+			}
+		})
+	}
+}
+
+func TestFileBrokenEditKeepsLastGood(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "groups.yml")
+	writeFile(t, path, definition("a"))
+	src, reg := openFile(t, path)
+	if _, err := src.Load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	loaded := lastSuccess(t, reg, src.String())
+	if loaded == 0 {
+		t.Fatal("last success gauge not set by Load")
+	}
+	a := newApplied()
+	watch(t, src, a)
+
+	writeFile(t, path, broken)
+	eventually(t, "failure counted", func() bool { return reloads(t, reg, src.String(), "failure") >= 1 })
+	if err := src.Status(); err == nil {
+		t.Error("Status is nil after a broken edit")
+	} else if want := `group "x": hosts`; !strings.Contains(err.Error(), want) {
+		t.Errorf("Status = %v, want it to name %q", err, want)
+	}
+	if calls := a.snapshot(); len(calls) != 0 {
+		t.Fatalf("a broken definition was applied: %v", calls)
+	}
+
+	// Rewriting what is in force is no reload; the next real change is.
+	writeFile(t, path, definition("a"))
+	eventually(t, "healthy again", func() bool { return src.Status() == nil })
+	writeFile(t, path, definition("c"))
+	a.waitLast(t, "c")
+	if calls := a.snapshot(); len(calls) != 1 {
+		t.Errorf("applied %v, want only [c]", calls)
+	}
+}
+
+func TestFileApplyErrorCountsAsFailure(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "groups.yml")
+	writeFile(t, path, definition("a"))
+	src, reg := openFile(t, path)
+	a := newApplied()
+	a.err = errors.New("refused")
+	watch(t, src, a)
+	a.waitLast(t, "a")
+	eventually(t, "failure counted", func() bool { return reloads(t, reg, src.String(), "failure") == 1 })
+	if err := src.Status(); err == nil || !strings.Contains(err.Error(), "refused") {
+		t.Errorf("Status = %v, want the apply error", err)
+	}
+	if got := reloads(t, reg, src.String(), "success"); got != 0 {
+		t.Errorf("success reloads = %v, want 0", got)
+	}
+}
+
+func TestFileMissingThenCreated(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "groups.yml")
+	src, _ := openFile(t, path)
+	if _, err := src.Load(context.Background()); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("Load of a missing file: %v, want ErrNotExist", err)
+	}
+	if err := src.Status(); err == nil {
+		t.Fatal("Status nil before any definition")
+	}
+	a := newApplied()
+	watch(t, src, a)
+	writeFile(t, path, definition("a"))
+	a.waitLast(t, "a")
+}
+
+func TestFileTooLarge(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "groups.yml")
+	writeFile(t, path, definition("a"))
+	src, err := Open(path, Options{MaxBytes: 10})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := src.Load(context.Background()); !errors.Is(err, errTooLarge) {
+		t.Fatalf("Load: %v, want errTooLarge", err)
+	}
+}
+
