@@ -22,6 +22,8 @@ import (
 	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/quic-go/quic-go"
 
+	"github.com/reverst-dev/reverst/auth"
+	"github.com/reverst-dev/reverst/groups"
 	"github.com/reverst-dev/reverst/protocol"
 	"github.com/reverst-dev/reverst/sources"
 	"github.com/reverst-dev/reverst/tunnel"
@@ -68,7 +70,17 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 		Logger:  logger.With("component", "tunnel"),
 		Metrics: tunnel.NewMetrics(reg),
 	}
-	w := &wiring{cfg: cfg, logger: logger, srv: srv, reg: reg}
+	authn := &auth.Factory{
+		Logger:          logger.With("component", "auth"),
+		CacheSize:       cfg.ExternalAuthCache,
+		CacheAllowTTL:   cfg.ExternalAuthAllowTTL,
+		CacheDenyTTL:    cfg.ExternalAuthDenyTTL,
+		ExternalTimeout: cfg.ExternalAuthTimeout,
+		Registerer:      reg,
+	}
+	w := &wiring{cfg: cfg, logger: logger, srv: srv, reg: reg, newAuth: func(a groups.Authentication) (tunnel.Authenticator, error) {
+		return authn.New(a)
+	}}
 	source, err := sources.Open(cfg.TunnelGroups, sources.Options{Logger: logger.With("component", "sources")})
 	if err != nil {
 		return fmt.Errorf("--tunnel-groups: %w", err)

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"reflect"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -32,6 +33,11 @@ type Config struct {
 	MaxIdleTimeout    time.Duration `env:"MAX_IDLE_TIMEOUT" envDefault:"1m"`
 	KeepAlivePeriod   time.Duration `env:"KEEP_ALIVE_PERIOD" envDefault:"30s"`
 	ShutdownTimeout   time.Duration `env:"SHUTDOWN_TIMEOUT" envDefault:"15s"`
+
+	ExternalAuthTimeout  time.Duration `env:"EXTERNAL_AUTH_TIMEOUT" envDefault:"3s"`
+	ExternalAuthCache    int           `env:"EXTERNAL_AUTH_CACHE_SIZE" envDefault:"4096"`
+	ExternalAuthAllowTTL time.Duration `env:"EXTERNAL_AUTH_ALLOW_TTL" envDefault:"1m"`
+	ExternalAuthDenyTTL  time.Duration `env:"EXTERNAL_AUTH_DENY_TTL" envDefault:"10s"`
 }
 
 // option describes one setting: its flags, its env var and its help.
@@ -52,6 +58,9 @@ func (c *Config) options() []option {
 	dur := func(p *time.Duration) func(*flag.FlagSet, string) {
 		return func(fs *flag.FlagSet, name string) { fs.DurationVar(p, name, *p, "") }
 	}
+	integer := func(p *int) func(*flag.FlagSet, string) {
+		return func(fs *flag.FlagSet, name string) { fs.IntVar(p, name, *p, "") }
+	}
 	boolean := func(p *bool) func(*flag.FlagSet, string) {
 		return func(fs *flag.FlagSet, name string) { fs.BoolVar(p, name, *p, "") }
 	}
@@ -68,6 +77,10 @@ func (c *Config) options() []option {
 		{long: "max-idle-timeout", env: "MAX_IDLE_TIMEOUT", kind: "DURATION", def: "1m0s", usage: "maximum time a connection can be idle", bind: dur(&c.MaxIdleTimeout)},
 		{long: "keep-alive-period", env: "KEEP_ALIVE_PERIOD", kind: "DURATION", def: "30s", usage: "period between keep-alive events", bind: dur(&c.KeepAlivePeriod)},
 		{long: "shutdown-timeout", env: "SHUTDOWN_TIMEOUT", kind: "DURATION", def: "15s", usage: "time allowed for in-flight requests to finish on SIGTERM", bind: dur(&c.ShutdownTimeout)},
+		{long: "external-auth-timeout", env: "EXTERNAL_AUTH_TIMEOUT", kind: "DURATION", def: "3s", usage: "timeout of one call to an external authentication endpoint", bind: dur(&c.ExternalAuthTimeout)},
+		{long: "external-auth-cache-size", env: "EXTERNAL_AUTH_CACHE_SIZE", kind: "INT", def: "4096", usage: "external authentication decisions kept in the LRU cache", bind: integer(&c.ExternalAuthCache)},
+		{long: "external-auth-allow-ttl", env: "EXTERNAL_AUTH_ALLOW_TTL", kind: "DURATION", def: "1m0s", usage: "how long an allow from an external endpoint is cached", bind: dur(&c.ExternalAuthAllowTTL)},
+		{long: "external-auth-deny-ttl", env: "EXTERNAL_AUTH_DENY_TTL", kind: "DURATION", def: "10s", usage: "how long a deny from an external endpoint is cached", bind: dur(&c.ExternalAuthDenyTTL)},
 	}
 }
 
@@ -85,7 +98,7 @@ func ParseConfig(args []string, environ map[string]string, out io.Writer) (*Conf
 		opts.Environment = environ
 	}
 	if err := env.ParseWithOptions(&c, opts); err != nil {
-		return nil, fmt.Errorf("%w: environment: %w", ErrUsage, err)
+		return nil, fmt.Errorf("%w: %w", ErrUsage, envError(err))
 	}
 
 	fs := flag.NewFlagSet("reverst", flag.ContinueOnError)
@@ -113,6 +126,28 @@ func ParseConfig(args []string, environ map[string]string, out io.Writer) (*Conf
 	return &c, nil
 }
 
+// envError names the environment variable behind each parse error; the
+// library only knows the Go field.
+func envError(err error) error {
+	var agg env.AggregateError
+	if !errors.As(err, &agg) {
+		return err
+	}
+	t := reflect.TypeFor[Config]()
+	var errs []error
+	for _, e := range agg.Errors {
+		var pe env.ParseError
+		if errors.As(e, &pe) {
+			if f, ok := t.FieldByName(pe.Name); ok {
+				errs = append(errs, fmt.Errorf("%s%s: %w", EnvPrefix, f.Tag.Get("env"), pe.Err))
+				continue
+			}
+		}
+		errs = append(errs, e)
+	}
+	return errors.Join(errs...)
+}
+
 func (c *Config) validate(options []option) error {
 	var errs []error
 	values := map[string]string{"server-name": c.ServerName, "private-key-path": c.PrivateKeyPath, "certificate-path": c.CertificatePath}
@@ -124,10 +159,13 @@ func (c *Config) validate(options []option) error {
 	if _, err := c.level(); err != nil {
 		errs = append(errs, err)
 	}
-	for name, d := range map[string]time.Duration{"max-idle-timeout": c.MaxIdleTimeout, "keep-alive-period": c.KeepAlivePeriod, "shutdown-timeout": c.ShutdownTimeout} {
+	for name, d := range map[string]time.Duration{"max-idle-timeout": c.MaxIdleTimeout, "keep-alive-period": c.KeepAlivePeriod, "shutdown-timeout": c.ShutdownTimeout, "external-auth-timeout": c.ExternalAuthTimeout, "external-auth-allow-ttl": c.ExternalAuthAllowTTL, "external-auth-deny-ttl": c.ExternalAuthDenyTTL} {
 		if d <= 0 {
 			errs = append(errs, fmt.Errorf("--%s: must be positive, got %s", name, d))
 		}
+	}
+	if c.ExternalAuthCache < 1 {
+		errs = append(errs, fmt.Errorf("--external-auth-cache-size: must be at least 1, got %d", c.ExternalAuthCache))
 	}
 	if c.KeepAlivePeriod >= c.MaxIdleTimeout && c.MaxIdleTimeout > 0 {
 		errs = append(errs, fmt.Errorf("--keep-alive-period (%s) must be shorter than --max-idle-timeout (%s)", c.KeepAlivePeriod, c.MaxIdleTimeout))

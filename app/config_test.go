@@ -1,0 +1,120 @@
+package app
+
+import (
+	"bytes"
+	"errors"
+	"flag"
+	"strings"
+	"testing"
+	"time"
+)
+
+var required = []string{"-n", "flipt.dev.local", "-k", "key.pem", "-c", "cert.pem"}
+
+func TestParseConfigDefaults(t *testing.T) {
+	c, err := ParseConfig(required, map[string]string{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := Config{
+		Log: "info", TunnelAddress: "127.0.0.1:7171", HTTPAddress: "0.0.0.0:8181",
+		ServerName: "flipt.dev.local", PrivateKeyPath: "key.pem", CertificatePath: "cert.pem",
+		TunnelGroups: "groups.yml", MaxIdleTimeout: time.Minute, KeepAlivePeriod: 30 * time.Second,
+		ShutdownTimeout: 15 * time.Second, ExternalAuthTimeout: 3 * time.Second, ExternalAuthCache: 4096,
+		ExternalAuthAllowTTL: time.Minute, ExternalAuthDenyTTL: 10 * time.Second,
+	}
+	if *c != want {
+		t.Fatalf("got %+v\nwant %+v", *c, want)
+	}
+}
+
+func TestFlagsAndEnv(t *testing.T) {
+	environ := map[string]string{
+		"REVERST_SERVER_NAME":        "env.example",
+		"REVERST_PRIVATE_KEY_PATH":   "env.key",
+		"REVERST_CERTIFICATE_PATH":   "env.crt",
+		"REVERST_TUNNEL_ADDRESS":     "0.0.0.0:9999",
+		"REVERST_WATCH_GROUPS":       "true",
+		"REVERST_MAX_IDLE_TIMEOUT":   "2m",
+		"REVERST_LOG":                "debug",
+		"REVERST_MANAGEMENT_ADDRESS": "127.0.0.1:9000",
+	}
+	tests := []struct {
+		name  string
+		args  []string
+		check func(*Config) bool
+	}{
+		{"env only", nil, func(c *Config) bool {
+			return c.ServerName == "env.example" && c.TunnelAddress == "0.0.0.0:9999" && c.WatchGroups &&
+				c.MaxIdleTimeout == 2*time.Minute && c.Log == "debug" && c.ManagementAddress == "127.0.0.1:9000"
+		}},
+		{"short flag wins", []string{"-a", "127.0.0.1:1"}, func(c *Config) bool { return c.TunnelAddress == "127.0.0.1:1" }},
+		{"long flag wins", []string{"--tunnel-address", "127.0.0.1:2"}, func(c *Config) bool { return c.TunnelAddress == "127.0.0.1:2" }},
+		{"bool flag false wins", []string{"-w=false"}, func(c *Config) bool { return !c.WatchGroups }},
+		{"duration flag", []string{"--keep-alive-period", "5s"}, func(c *Config) bool { return c.KeepAlivePeriod == 5*time.Second }},
+		{"log short", []string{"-l", "warn"}, func(c *Config) bool { return c.Log == "warn" }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			c, err := ParseConfig(tt.args, environ, nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !tt.check(c) {
+				t.Fatalf("unexpected config %+v", c)
+			}
+		})
+	}
+}
+
+func TestParseConfigErrors(t *testing.T) {
+	tests := []struct {
+		name    string
+		args    []string
+		environ map[string]string
+		want    []string
+	}{
+		{"missing required", nil, nil, []string{"--server-name", "REVERST_SERVER_NAME", "--private-key-path", "REVERST_PRIVATE_KEY_PATH", "--certificate-path", "REVERST_CERTIFICATE_PATH"}},
+		{"bad log level", append([]string{"-l", "loud"}, required...), nil, []string{"--log", "loud"}},
+		{"bad env duration", required, map[string]string{"REVERST_MAX_IDLE_TIMEOUT": "soon"}, []string{"MAX_IDLE_TIMEOUT"}},
+		{"keep-alive not shorter than idle", append([]string{"--keep-alive-period", "2m"}, required...), nil, []string{"--keep-alive-period"}},
+		{"unknown flag", []string{"--nope"}, nil, []string{"nope"}},
+		{"stray argument", append([]string{"serve"}, required...), nil, []string{"serve"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			environ := tt.environ
+			if environ == nil {
+				environ = map[string]string{}
+			}
+			_, err := ParseConfig(tt.args, environ, nil)
+			if !errors.Is(err, ErrUsage) {
+				t.Fatalf("got %v, want ErrUsage", err)
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q does not mention %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+func TestHelpListsEveryFlagAndEnv(t *testing.T) {
+	var out bytes.Buffer
+	_, err := ParseConfig([]string{"-h"}, map[string]string{}, &out)
+	if !errors.Is(err, flag.ErrHelp) {
+		t.Fatalf("got %v, want flag.ErrHelp", err)
+	}
+	var c Config
+	for _, o := range c.options() {
+		for _, w := range []string{"--" + o.long, "$REVERST_" + o.env} {
+			if !strings.Contains(out.String(), w) {
+				t.Errorf("usage lacks %s", w)
+			}
+		}
+		if o.short != "" && !strings.Contains(out.String(), "-"+o.short+", --"+o.long) {
+			t.Errorf("usage lacks -%s", o.short)
+		}
+	}
+}
