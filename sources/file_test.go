@@ -228,4 +228,3 @@ func TestFileTooLarge(t *testing.T) {
 		t.Fatalf("Load: %v, want errTooLarge", err)
 	}
 }
-
