@@ -1,0 +1,278 @@
+package tunnel_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/reverst-dev/reverst/auth"
+	"github.com/reverst-dev/reverst/client"
+	"github.com/reverst-dev/reverst/groups"
+	"github.com/reverst-dev/reverst/tunnel"
+)
+
+// member is a client.Server registered with the test server.
+type member struct {
+	srv  *client.Server
+	done chan error
+}
+
+// join registers a client in group that answers with its name, and waits
+// until it is registered.
+func (e *env) join(t testing.TB, group, name string, authn client.Authenticator) *member {
+	t.Helper()
+	ready := make(chan struct{}, 1)
+	m := &member{done: make(chan error, 1)}
+	m.srv = &client.Server{
+		TunnelGroup: group,
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("X-Member", name)
+			fmt.Fprintf(w, "%s %s %s host=%s xff=%s xfh=%s xfp=%s", name, r.Method, r.URL.Path, r.Host,
+				r.Header.Get("X-Forwarded-For"), r.Header.Get("X-Forwarded-Host"), r.Header.Get("X-Forwarded-Proto"))
+		}),
+		TLSConfig:         e.clientTLS(),
+		Authenticator:     authn,
+		MinBackoff:        50 * time.Millisecond,
+		MaxBackoff:        200 * time.Millisecond,
+		OnConnectionReady: func(client.ConnectionInfo) { select { case ready <- struct{}{}: default: } },
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() { m.done <- m.srv.DialAndServe(ctx, e.addr) }()
+	t.Cleanup(func() {
+		cancel()
+		<-m.done
+	})
+	select {
+	case <-ready:
+	case err := <-m.done:
+		m.done <- err
+		t.Fatalf("client %s ended: %v", name, err)
+	case <-time.After(5 * time.Second):
+		t.Fatalf("client %s not registered in time", name)
+	}
+	e.waitMembers(t, group, func(int) bool { return true })
+	return m
+}
+
+// register runs a client that is expected to be refused and returns its
+// error.
+func (e *env) register(t testing.TB, group string, authn client.Authenticator) error {
+	t.Helper()
+	srv := &client.Server{TunnelGroup: group, TLSConfig: e.clientTLS(), Authenticator: authn, Handler: http.NotFoundHandler()}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return srv.DialAndServe(ctx, e.addr)
+}
+
+func (e *env) waitMembers(t testing.TB, group string, ok func(int) bool) {
+	t.Helper()
+	deadline := time.Now().Add(5 * time.Second)
+	for !ok(e.srv.Members()[group]) {
+		if time.Now().After(deadline) {
+			t.Fatalf("group %s has %d members", group, e.srv.Members()[group])
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestRequestThroughTunnel(t *testing.T) {
+	e := startServer(t, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
+	e.join(t, "svc", "a", nil)
+	code, body := e.get(t, "SVC.example:8181", "/fo")
+	if code != http.StatusOK {
+		t.Fatalf("got %d %q", code, body)
+	}
+	for _, want := range []string{"a GET /fo", "host=SVC.example:8181", "xff=127.0.0.1", "xfh=SVC.example:8181", "xfp=http"} {
+		if !strings.Contains(body, want) {
+			t.Errorf("body %q lacks %q", body, want)
+		}
+	}
+}
+
+func TestRequestsSpreadOverMembers(t *testing.T) {
+	e := startServer(t, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
+	e.join(t, "svc", "a", nil)
+	e.join(t, "svc", "b", nil)
+	e.waitMembers(t, "svc", func(n int) bool { return n == 2 })
+	seen := map[string]int{}
+	for range 20 {
+		code, body := e.get(t, "svc.example", "/")
+		if code != http.StatusOK {
+			t.Fatalf("got %d %q", code, body)
+		}
+		seen[strings.Fields(body)[0]]++
+	}
+	if seen["a"] < 5 || seen["b"] < 5 {
+		t.Fatalf("requests not spread: %v", seen)
+	}
+}
+
+func TestMemberLeavesGroup(t *testing.T) {
+	e := startServer(t, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
+	a := e.join(t, "svc", "a", nil)
+	e.join(t, "svc", "b", nil)
+	e.waitMembers(t, "svc", func(n int) bool { return n == 2 })
+	if err := a.srv.Close(); err != nil {
+		t.Fatal(err)
+	}
+	e.waitMembers(t, "svc", func(n int) bool { return n == 1 })
+	for range 10 {
+		code, body := e.get(t, "svc.example", "/")
+		if code != http.StatusOK || !strings.HasPrefix(body, "b ") {
+			t.Fatalf("after a left: got %d %q", code, body)
+		}
+	}
+}
+
+func TestRegistrationErrors(t *testing.T) {
+	authn, err := (&auth.Factory{}).New(groups.Authentication{Basic: &groups.Basic{Username: "user", Password: "pass"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	e := startServer(t, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}, Auth: authn})
+	tests := []struct {
+		name  string
+		group string
+		authn client.Authenticator
+		want  error
+	}{
+		{"wrong password", "svc", client.BasicAuthenticator("user", "nope"), client.ErrUnauthorized},
+		{"no credentials", "svc", nil, client.ErrUnauthorized},
+		{"wrong scheme", "svc", client.BearerAuthenticator("pass"), client.ErrUnauthorized},
+		{"unknown group", "other", client.BasicAuthenticator("user", "pass"), client.ErrNotFound},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			start := time.Now()
+			if err := e.register(t, tt.group, tt.authn); !errors.Is(err, tt.want) {
+				t.Fatalf("got %v, want %v", err, tt.want)
+			}
+			if d := time.Since(start); d > 2*time.Second {
+				t.Fatalf("refusal took %s; the client must not retry it", d)
+			}
+		})
+	}
+	e.join(t, "svc", "a", client.BasicAuthenticator("user", "pass"))
+	if code, body := e.get(t, "svc.example", "/"); code != http.StatusOK {
+		t.Fatalf("good credentials: got %d %q", code, body)
+	}
+}
+
+func TestReloadKeepsMembersAndMovesHosts(t *testing.T) {
+	e := startServer(t,
+		tunnel.Group{Name: "keep", Hosts: []string{"keep.example"}},
+		tunnel.Group{Name: "gone", Hosts: []string{"gone.example"}},
+	)
+	e.join(t, "keep", "k", nil)
+	g := e.join(t, "gone", "g", nil)
+
+	err := e.srv.SetGroups([]tunnel.Group{
+		{Name: "keep", Hosts: []string{"new.example"}},
+		{Name: "added", Hosts: []string{"added.example"}},
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if code, body := e.get(t, "new.example", "/"); code != http.StatusOK || !strings.HasPrefix(body, "k ") {
+		t.Fatalf("moved host: got %d %q", code, body)
+	}
+	if code, _ := e.get(t, "keep.example", "/"); code != http.StatusBadGateway {
+		t.Fatalf("old host: got %d, want 502", code)
+	}
+	if code, _ := e.get(t, "added.example", "/"); code != http.StatusServiceUnavailable {
+		t.Fatalf("added group: got %d, want 503", code)
+	}
+	if code, _ := e.get(t, "gone.example", "/"); code != http.StatusBadGateway {
+		t.Fatalf("removed group: got %d, want 502", code)
+	}
+	// The removed group's member was disconnected; it reconnects and is
+	// told the group does not exist.
+	select {
+	case err := <-g.done:
+		if !errors.Is(err, client.ErrNotFound) {
+			t.Fatalf("member of removed group ended with %v, want ErrNotFound", err)
+		}
+		g.done <- err
+	case <-time.After(5 * time.Second):
+		t.Fatal("member of removed group still running")
+	}
+
+	if err := e.srv.SetGroups([]tunnel.Group{
+		{Name: "a", Hosts: []string{"x.example"}},
+		{Name: "b", Hosts: []string{"X.example"}},
+	}); err == nil {
+		t.Fatal("duplicate host accepted")
+	}
+	if code, _ := e.get(t, "new.example", "/"); code != http.StatusOK {
+		t.Fatalf("a rejected reload changed routing: %d", code)
+	}
+}
+
+func TestMetrics(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	e := startServer(t, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
+	e.srv.Metrics = tunnel.NewMetrics(reg)
+	e.join(t, "svc", "a", nil)
+	for range 3 {
+		e.get(t, "svc.example", "/")
+	}
+	e.get(t, "nobody.example", "/")
+	if err := e.register(t, "nope", nil); !errors.Is(err, client.ErrNotFound) {
+		t.Fatal(err)
+	}
+	const want = `
+# HELP reverst_group_members Registered tunnel connections per group.
+# TYPE reverst_group_members gauge
+reverst_group_members{group="svc"} 1
+# HELP reverst_proxied_requests_total Frontend requests by group and status class.
+# TYPE reverst_proxied_requests_total counter
+reverst_proxied_requests_total{code="2xx",group="svc"} 3
+reverst_proxied_requests_total{code="5xx",group=""} 1
+# HELP reverst_registrations_total Tunnel registrations by group and result (ok, unauthorized, not_found, bad_request, error).
+# TYPE reverst_registrations_total counter
+reverst_registrations_total{group="",result="not_found"} 1
+reverst_registrations_total{group="svc",result="ok"} 1
+`
+	if err := testutil.GatherAndCompare(reg, strings.NewReader(want), "reverst_group_members", "reverst_proxied_requests_total", "reverst_registrations_total"); err != nil {
+		t.Fatal(err)
+	}
+	if n := testutil.CollectAndCount(reg, "reverst_request_duration_seconds"); n != 2 {
+		t.Fatalf("latency series: %d, want 2", n)
+	}
+}
+
+func TestConcurrentRequests(t *testing.T) {
+	e := startServer(t, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
+	e.join(t, "svc", "a", nil)
+	e.join(t, "svc", "b", nil)
+	var wg sync.WaitGroup
+	errs := make(chan error, 200)
+	for i := range 200 {
+		wg.Go(func() {
+			req, _ := http.NewRequest(http.MethodGet, e.frontend+fmt.Sprintf("/%d", i), nil)
+			req.Host = "svc.example"
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				errs <- err
+				return
+			}
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				errs <- fmt.Errorf("status %d", resp.StatusCode)
+			}
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+}
