@@ -83,9 +83,8 @@ const (
 )
 
 // A Server registers with a reverst tunnel server and serves Handler to
-// it. The zero value is not usable only because TunnelGroup must be set;
-// every other field has a useful default. Fields must not be changed once
-// DialAndServe has been called.
+// it. TunnelGroup is required; every other field has a useful zero value.
+// Fields must not be changed once DialAndServe has been called.
 //
 // DialAndServe may be called several times, concurrently, for different
 // tunnel server addresses; Shutdown and Close act on all of them.
