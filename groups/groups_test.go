@@ -1,0 +1,115 @@
+package groups
+
+import (
+	"strings"
+	"testing"
+)
+
+func TestParseValid(t *testing.T) {
+	cfg, err := Parse([]byte(`
+groups:
+  "flipt.dev.local":
+    hosts: ["flipt.dev.local", "Other.Example:8080"]
+    authentication:
+      basic: {username: user, password: pass}
+      bearer: {scheme: Token, hashedToken: "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"}
+      external: {scheme: JWT, endpoint: "http://auth.example/ext"}
+  open:
+    hosts: [open.example]
+`))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := cfg.Names(); len(got) != 2 || got[0] != "flipt.dev.local" || got[1] != "open" {
+		t.Fatalf("names %v", got)
+	}
+	g := cfg.Groups["flipt.dev.local"]
+	if g.Authentication.Basic.Username != "user" || g.Authentication.External.Scheme != "JWT" || g.Authentication.Open() {
+		t.Fatalf("group %+v", g)
+	}
+	if !cfg.Groups["open"].Authentication.Open() {
+		t.Fatal("group without authentication is not open")
+	}
+}
+
+func TestParseErrorsNameGroupAndField(t *testing.T) {
+	tests := []struct {
+		name string
+		yaml string
+		want []string
+	}{
+		{"no hosts", `groups: {a: {hosts: []}}`, []string{`group "a"`, "hosts"}},
+		{"empty host", `groups: {a: {hosts: [""]}}`, []string{`group "a"`, "hosts[0]"}},
+		{"duplicate host across groups", `groups: {a: {hosts: [x.example]}, b: {hosts: [X.EXAMPLE:80]}}`, []string{`group "b"`, "hosts[0]", `group "a"`}},
+		{"shared scheme", `groups: {a: {hosts: [a], authentication: {bearer: {token: t}, external: {endpoint: "http://e"}}}}`, []string{`group "a"`, "external.scheme", "Bearer"}},
+		{"scheme case-insensitive", `groups: {a: {hosts: [a], authentication: {basic: {username: u, password: p}, bearer: {scheme: basic, token: t}}}}`, []string{"bearer.scheme"}},
+		{"empty username", `groups: {a: {hosts: [a], authentication: {basic: {username: "", password: p}}}}`, []string{`group "a"`, "basic.username"}},
+		{"empty password", `groups: {a: {hosts: [a], authentication: {basic: {username: u}}}}`, []string{"basic.password"}},
+		{"empty token", `groups: {a: {hosts: [a], authentication: {bearer: {token: ""}}}}`, []string{"authentication.bearer", "required"}},
+		{"two tokens", `groups: {a: {hosts: [a], authentication: {bearer: {token: t, tokenPath: /p}}}}`, []string{"only one"}},
+		{"bad hashed token", `groups: {a: {hosts: [a], authentication: {bearer: {hashedToken: xyz}}}}`, []string{"bearer.hashedToken", "SHA-256"}},
+		{"bad endpoint", `groups: {a: {hosts: [a], authentication: {external: {endpoint: "ftp://x"}}}}`, []string{"external.endpoint"}},
+		{"unknown field", `groups: {a: {hosts: [a], authentication: {basci: {}}}}`, []string{"basci"}},
+		{"typo at top", `group: {}`, []string{"group"}},
+		{"empty", ``, []string{"empty"}},
+		{"not yaml", `groups: [`, []string{"groups"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, err := Parse([]byte(tt.yaml))
+			if err == nil {
+				t.Fatal("accepted")
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(err.Error(), w) {
+					t.Errorf("error %q lacks %q", err, w)
+				}
+			}
+		})
+	}
+}
+
+func TestNormalizeHost(t *testing.T) {
+	for in, want := range map[string]string{
+		"Example.COM":      "example.com",
+		"example.com:8181": "example.com",
+		"example.com.":     "example.com",
+		"[::1]:80":         "::1",
+		"[::1]":            "::1",
+		" x ":              "x",
+	} {
+		if got := NormalizeHost(in); got != want {
+			t.Errorf("NormalizeHost(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
+
+func FuzzParse(f *testing.F) {
+	f.Add([]byte("groups: {a: {hosts: [a.example], authentication: {basic: {username: u, password: p}}}}"))
+	f.Add([]byte("groups:\n  a:\n    hosts: [x]\n  b:\n    hosts: [y]\n"))
+	f.Add([]byte("groups: {a: {hosts: [a], authentication: {bearer: {hashedToken: 00}}}}"))
+	f.Fuzz(func(t *testing.T, in []byte) {
+		cfg, err := Parse(in)
+		if err != nil {
+			return
+		}
+		// Whatever is accepted is valid: every group routes at least one
+		// host, and no host belongs to two groups.
+		seen := map[string]string{}
+		for name, g := range cfg.Groups {
+			if len(g.Hosts) == 0 {
+				t.Fatalf("group %q accepted without hosts", name)
+			}
+			for _, h := range g.Hosts {
+				n := NormalizeHost(h)
+				if other, dup := seen[n]; dup && other != name {
+					t.Fatalf("host %q in %q and %q", n, other, name)
+				}
+				seen[n] = name
+			}
+		}
+		if err := cfg.Validate(); err != nil {
+			t.Fatalf("accepted, then invalid: %v", err)
+		}
+	})
+}
