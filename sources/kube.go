@@ -4,11 +4,13 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"strings"
 	"sync"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/fields"
 	coreinformers "k8s.io/client-go/informers/core/v1"
@@ -172,11 +174,10 @@ func (c *configMap) Watch(ctx context.Context, apply func(*groups.Config) error)
 		}
 	}
 	inf := coreinformers.NewFilteredConfigMapInformer(cl, c.ref.namespace, 0, cache.Indexers{}, c.ref.selector)
-	_ = inf.SetWatchErrorHandlerWithContext(func(ctx context.Context, r *cache.Reflector, err error) {
-		if ctx.Err() == nil {
+	_ = inf.SetWatchErrorHandlerWithContext(func(ctx context.Context, _ *cache.Reflector, err error) {
+		if ctx.Err() == nil && !watchClosed(err) {
 			send(kubeEvent{err: fmt.Errorf("%s: list/watch: %w", c, err)})
 		}
-		cache.DefaultWatchErrorHandler(ctx, r, err)
 	})
 	onObject := func(obj any) {
 		cm, ok := obj.(*corev1.ConfigMap)
@@ -229,3 +230,11 @@ func (c *configMap) Watch(ctx context.Context, apply func(*groups.Config) error)
 }
 
 var errNotFound = errors.New("not found")
+
+// watchClosed reports whether a list/watch error is the ordinary end of a
+// watch, after which the informer lists or watches again by itself; other
+// errors (refused, unreachable) are failures worth reporting.
+func watchClosed(err error) bool {
+	return errors.Is(err, io.EOF) || errors.Is(err, io.ErrUnexpectedEOF) ||
+		apierrors.IsResourceExpired(err) || apierrors.IsGone(err)
+}

@@ -48,8 +48,10 @@ type Secrets struct {
 
 // secretWatch is the informer of one Secret.
 type secretWatch struct {
-	inf    cache.SharedIndexInformer
-	synced chan struct{}
+	inf        cache.SharedIndexInformer
+	synced     chan struct{} // closed after the first list
+	failed     chan struct{} // closed at the first list/watch failure
+	failedOnce sync.Once
 
 	mu      sync.Mutex
 	lastErr error // last list/watch failure, cleared by the next success
@@ -98,6 +100,11 @@ func (s *Secrets) Read(ctx context.Context, path string) ([]byte, error) {
 		}
 		select {
 		case <-w.synced:
+		case <-w.failed:
+			if err := w.err(); err != nil {
+				return nil, fmt.Errorf("%s: %w", ref, err)
+			}
+			// Failed, then listed: fall through to the store.
 		case <-ctx.Done():
 			if err := w.err(); err != nil {
 				return nil, fmt.Errorf("%s: %w", ref, err)
@@ -157,15 +164,17 @@ func (s *Secrets) watch(ref kubeRef) (*secretWatch, error) {
 	w := &secretWatch{
 		inf:    coreinformers.NewFilteredSecretInformer(s.client, ref.namespace, 0, cache.Indexers{}, ref.selector),
 		synced: make(chan struct{}),
+		failed: make(chan struct{}),
 	}
-	_ = w.inf.SetWatchErrorHandlerWithContext(func(ctx context.Context, r *cache.Reflector, err error) {
-		if ctx.Err() == nil {
-			w.mu.Lock()
-			w.lastErr = err
-			w.mu.Unlock()
-			log.Warn("watching Secret failed, retrying", "error", err)
+	_ = w.inf.SetWatchErrorHandlerWithContext(func(ctx context.Context, _ *cache.Reflector, err error) {
+		if ctx.Err() != nil || watchClosed(err) {
+			return
 		}
-		cache.DefaultWatchErrorHandler(ctx, r, err)
+		w.mu.Lock()
+		w.lastErr = err
+		w.mu.Unlock()
+		w.failedOnce.Do(func() { close(w.failed) })
+		log.Warn("watching Secret failed, retrying", "error", err)
 	})
 	clearErr := func(any) {
 		w.mu.Lock()
