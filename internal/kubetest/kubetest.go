@@ -357,12 +357,12 @@ func (s *Shared) Get(t testing.TB) *Cluster {
 		return s.cluster
 	}
 	if ci || !errors.Is(s.err, ErrNoBinaries) {
-		t.Fatalf("kubetest: %v", s.err)
+		t.Fatal(s.err)
 	}
 	slog.New(slog.NewTextHandler(os.Stderr, nil)).Warn(
 		"SKIPPING a test that needs a real Kubernetes API server (CI is not set; with CI=true this fails)",
 		"test", t.Name(), "error", s.err)
-	t.Skipf("kubetest: %v", s.err)
+	t.Skip(s.err)
 	return nil
 }
 
