@@ -45,18 +45,19 @@ type Source interface {
 	// never end Watch. apply is called from Watch's goroutine, one call at
 	// a time.
 	Watch(ctx context.Context, apply func(*groups.Config) error) error
-	// Status reports the source's state: nil once the last read delivered a
-	// valid definition (or an unchanged one), else why not. Before the first
-	// good read it returns an error wrapping ErrNotLoaded. Safe to call from
-	// any goroutine; meant for /readyz.
+	// Status reports the source's state: nil when the last read delivered a
+	// valid definition that is in force (or an unchanged one), else why not
+	// (unreadable, invalid, refused by apply, deleted). Before the first
+	// read it returns an error wrapping ErrNotLoaded. Safe to call from any
+	// goroutine; meant for /readyz. A failing source keeps serving the last
+	// good definition, so readiness may prefer to report rather than fail.
 	Status() error
 	// String names the source in logs and metric labels, without
 	// credentials.
 	String() string
 }
 
-// ErrNotLoaded is wrapped by Status before a source has read a valid
-// definition.
+// ErrNotLoaded is wrapped by Status before a source has read anything.
 var ErrNotLoaded = errors.New("no valid definition loaded yet")
 
 // Defaults of Options.
