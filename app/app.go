@@ -7,6 +7,8 @@ package app
 
 import (
 	"context"
+	"crypto/hkdf"
+	"crypto/sha256"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
@@ -93,7 +95,21 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 		return fmt.Errorf("applying tunnel groups from %s: %w", source, err)
 	}
 
-	ln, err := quic.ListenAddr(cfg.TunnelAddress, &tls.Config{
+	resetKey, err := statelessResetKey(cert)
+	if err != nil {
+		return err
+	}
+	udpAddr, err := net.ResolveUDPAddr("udp", cfg.TunnelAddress)
+	if err != nil {
+		return fmt.Errorf("--tunnel-address %q: %w", cfg.TunnelAddress, err)
+	}
+	udp, err := net.ListenUDP("udp", udpAddr)
+	if err != nil {
+		return fmt.Errorf("--tunnel-address %q: %w", cfg.TunnelAddress, err)
+	}
+	tr := &quic.Transport{Conn: udp, StatelessResetKey: resetKey}
+	defer tr.Close()
+	ln, err := tr.Listen(&tls.Config{
 		Certificates: []tls.Certificate{cert},
 		NextProtos:   []string{protocol.ALPN},
 		MinVersion:   tls.VersionTLS13,
@@ -211,4 +227,22 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	}
 	logger.Info("reverst stopped cleanly")
 	return nil
+}
+
+// statelessResetKey derives the QUIC stateless reset key from the TLS
+// private key, so that it survives restarts: a restarted server answers
+// packets of its predecessor's connections with a stateless reset, and
+// clients reconnect at once instead of waiting for their idle timeout.
+func statelessResetKey(cert tls.Certificate) (*quic.StatelessResetKey, error) {
+	der, err := x509.MarshalPKCS8PrivateKey(cert.PrivateKey)
+	if err != nil {
+		return nil, fmt.Errorf("deriving the stateless reset key from --private-key-path: %w", err)
+	}
+	b, err := hkdf.Key(sha256.New, der, nil, "reverst quic stateless reset key", len(quic.StatelessResetKey{}))
+	if err != nil {
+		return nil, err
+	}
+	var key quic.StatelessResetKey
+	copy(key[:], b)
+	return &key, nil
 }

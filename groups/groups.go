@@ -24,6 +24,7 @@ import (
 	"strings"
 
 	"go.yaml.in/yaml/v3"
+	"golang.org/x/net/idna"
 )
 
 // Default schemes of the authentication strategies.
@@ -129,8 +130,8 @@ func (c *Config) Validate() error {
 			switch {
 			case norm == "":
 				fail(field, "must not be empty")
-			case strings.ContainsAny(norm, "/ \t@"):
-				fail(field, "%q is not a host name", h)
+			case strings.ContainsAny(norm, "/ \t@") || (strings.Contains(norm, "*") && !isWildcard(norm)):
+				fail(field, "%q is not a host name (a wildcard is \"*.\" followed by a domain)", h)
 			case owner[norm] == name:
 				fail(field, "host %q is listed twice", h)
 			case owner[norm] != "":
@@ -224,8 +225,10 @@ func (c *Config) Names() []string {
 	return names
 }
 
-// NormalizeHost lower-cases a host and strips its port and any trailing dot,
-// the form in which hosts are compared.
+// NormalizeHost returns the form in which hosts are compared: without port
+// or trailing dot, lower-case, and internationalised names in their ASCII
+// (punycode) form, so that "Bücher.example" and "xn--bcher-kva.example"
+// are one host.
 func NormalizeHost(host string) string {
 	host = strings.TrimSpace(host)
 	if h, _, err := net.SplitHostPort(host); err == nil {
@@ -233,5 +236,36 @@ func NormalizeHost(host string) string {
 	} else if strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]") {
 		host = host[1 : len(host)-1]
 	}
-	return strings.ToLower(strings.TrimSuffix(host, "."))
+	host = strings.ToLower(strings.TrimSuffix(host, "."))
+	if !isASCII(host) {
+		if a, err := idna.Lookup.ToASCII(host); err == nil {
+			host = a
+		}
+	}
+	return host
+}
+
+func isASCII(s string) bool {
+	for i := range len(s) {
+		if s[i] >= 0x80 {
+			return false
+		}
+	}
+	return true
+}
+
+func isWildcard(host string) bool {
+	suffix, ok := Wildcard(host)
+	return ok && !strings.Contains(suffix, "*")
+}
+
+// Wildcard reports whether host (normalised) is a wildcard entry such as
+// "*.example.com", and returns its suffix (".example.com"). A wildcard
+// matches any host that ends with the suffix, at any depth; an exact entry
+// and then the longest matching suffix win.
+func Wildcard(host string) (suffix string, ok bool) {
+	if rest, found := strings.CutPrefix(host, "*."); found && rest != "" {
+		return host[1:], true
+	}
+	return "", false
 }

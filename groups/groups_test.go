@@ -50,6 +50,9 @@ func TestParseErrorsNameGroupAndField(t *testing.T) {
 		{"bad hashed token", `groups: {a: {hosts: [a], authentication: {bearer: {hashedToken: xyz}}}}`, []string{"bearer.hashedToken", "SHA-256"}},
 		{"bad endpoint", `groups: {a: {hosts: [a], authentication: {external: {endpoint: "ftp://x"}}}}`, []string{"external.endpoint"}},
 		{"unknown field", `groups: {a: {hosts: [a], authentication: {basci: {}}}}`, []string{"basci"}},
+		{"bad wildcard", `groups: {a: {hosts: ["a.*.example"]}}`, []string{"hosts[0]", "wildcard"}},
+		{"bare star", `groups: {a: {hosts: ["*"]}}`, []string{"hosts[0]"}},
+		{"same host in unicode and punycode", `groups: {a: {hosts: ["bücher.example"]}, b: {hosts: ["xn--bcher-kva.example"]}}`, []string{`group "b"`, "already routed"}},
 		{"typo at top", `group: {}`, []string{"group"}},
 		{"empty", ``, []string{"empty"}},
 		{"not yaml", `groups: [`, []string{"groups"}},
@@ -77,6 +80,8 @@ func TestNormalizeHost(t *testing.T) {
 		"[::1]:80":         "::1",
 		"[::1]":            "::1",
 		" x ":              "x",
+		"Bücher.Example":   "xn--bcher-kva.example",
+		"*.Example.com":    "*.example.com",
 	} {
 		if got := NormalizeHost(in); got != want {
 			t.Errorf("NormalizeHost(%q) = %q, want %q", in, got, want)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"strings"
 	"sync"
@@ -38,11 +39,16 @@ func (e *env) join(t testing.TB, group, name string, authn client.Authenticator)
 			fmt.Fprintf(w, "%s %s %s host=%s xff=%s xfh=%s xfp=%s", name, r.Method, r.URL.Path, r.Host,
 				r.Header.Get("X-Forwarded-For"), r.Header.Get("X-Forwarded-Host"), r.Header.Get("X-Forwarded-Proto"))
 		}),
-		TLSConfig:         e.clientTLS(),
-		Authenticator:     authn,
-		MinBackoff:        50 * time.Millisecond,
-		MaxBackoff:        200 * time.Millisecond,
-		OnConnectionReady: func(client.ConnectionInfo) { select { case ready <- struct{}{}: default: } },
+		TLSConfig:     e.clientTLS(),
+		Authenticator: authn,
+		MinBackoff:    50 * time.Millisecond,
+		MaxBackoff:    200 * time.Millisecond,
+		OnConnectionReady: func(client.ConnectionInfo) {
+			select {
+			case ready <- struct{}{}:
+			default:
+			}
+		},
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	go func() { m.done <- m.srv.DialAndServe(ctx, e.addr) }()
@@ -274,5 +280,70 @@ func TestConcurrentRequests(t *testing.T) {
 	close(errs)
 	for err := range errs {
 		t.Error(err)
+	}
+}
+
+func TestWildcardHosts(t *testing.T) {
+	e := startServer(t,
+		tunnel.Group{Name: "wild", Hosts: []string{"*.example.com"}},
+		tunnel.Group{Name: "deeper", Hosts: []string{"*.api.example.com"}},
+		tunnel.Group{Name: "exact", Hosts: []string{"www.example.com", "bücher.example"}},
+	)
+	e.join(t, "wild", "wild", nil)
+	e.join(t, "deeper", "deeper", nil)
+	e.join(t, "exact", "exact", nil)
+	tests := []struct{ host, want string }{
+		{"a.example.com", "wild"},
+		{"a.b.example.com", "wild"},
+		{"v1.api.example.com", "deeper"},
+		{"api.example.com", "wild"},
+		{"WWW.example.com:80", "exact"},
+		{"xn--bcher-kva.example", "exact"},
+		{"example.com", ""},
+		{"other.com", ""},
+	}
+	for _, tt := range tests {
+		code, body := e.get(t, tt.host, "/")
+		if tt.want == "" {
+			if code != http.StatusBadGateway {
+				t.Errorf("%s: got %d %q, want 502", tt.host, code, body)
+			}
+			continue
+		}
+		if code != http.StatusOK || !strings.HasPrefix(body, tt.want+" ") {
+			t.Errorf("%s: got %d %q, want group %s", tt.host, code, body, tt.want)
+		}
+	}
+}
+
+func TestForwardedHeaders(t *testing.T) {
+	for _, trust := range []bool{false, true} {
+		t.Run(fmt.Sprintf("trust=%v", trust), func(t *testing.T) {
+			e := startServer(t, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}}, tunnel.Group{Name: "front", Hosts: []string{"front.example"}})
+			e.srv.TrustForwardedHeaders = trust
+			e.join(t, "svc", "svc", nil)
+			e.join(t, "front", "front", nil)
+			req, _ := http.NewRequest(http.MethodGet, e.frontend+"/", nil)
+			req.Host = "front.example"
+			req.Header.Set("X-Forwarded-Host", "svc.example")
+			req.Header.Set("X-Forwarded-For", "203.0.113.7")
+			req.Header.Set("X-Forwarded-Proto", "https")
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer resp.Body.Close()
+			b, _ := io.ReadAll(resp.Body)
+			body := string(b)
+			want := []string{"front ", "xff=127.0.0.1 ", "xfh=front.example", "xfp=http"}
+			if trust {
+				want = []string{"svc ", "xff=203.0.113.7, 127.0.0.1", "xfh=svc.example", "xfp=https"}
+			}
+			for _, w := range want {
+				if !strings.Contains(body, w) {
+					t.Errorf("body %q lacks %q", body, w)
+				}
+			}
+		})
 	}
 }

@@ -5,6 +5,7 @@ import (
 	"math/rand/v2"
 	"net"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -35,13 +36,33 @@ type Group struct {
 type table struct {
 	byName map[string]*group
 	byHost map[string]*group
+	// bySuffix holds wildcard hosts: "*.example.com" as ".example.com".
+	bySuffix map[string]*group
 }
 
+// lookupHost finds the group of a normalised host: an exact entry first,
+// then the most specific wildcard.
 func (t *table) lookupHost(host string) *group {
 	if t == nil {
 		return nil
 	}
-	return t.byHost[host]
+	if g, ok := t.byHost[host]; ok {
+		return g
+	}
+	if len(t.bySuffix) == 0 {
+		return nil
+	}
+	for i := strings.IndexByte(host, '.'); i >= 0; {
+		if g, ok := t.bySuffix[host[i:]]; ok {
+			return g
+		}
+		j := strings.IndexByte(host[i+1:], '.')
+		if j < 0 {
+			break
+		}
+		i += 1 + j
+	}
+	return nil
 }
 
 func (t *table) lookupName(name string) *group {

@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httputil"
+	"strings"
 	"time"
 
 	"github.com/quic-go/quic-go/http3"
@@ -46,7 +47,24 @@ func (s *Server) initProxy() {
 	p := &proxy{s: s}
 	p.rp = &httputil.ReverseProxy{
 		Rewrite: func(r *httputil.ProxyRequest) {
-			r.SetXForwarded()
+			if s.TrustForwardedHeaders {
+				// Rewrite drops the visitor's X-Forwarded-* before this
+				// hook; a trusted proxy's chain is kept and extended.
+				for _, h := range []string{"X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
+					if v, ok := r.In.Header[h]; ok {
+						r.Out.Header[h] = v
+					}
+				}
+				r.SetXForwarded()
+				if v, ok := r.In.Header["X-Forwarded-Host"]; ok {
+					r.Out.Header["X-Forwarded-Host"] = v
+				}
+				if v, ok := r.In.Header["X-Forwarded-Proto"]; ok {
+					r.Out.Header["X-Forwarded-Proto"] = v
+				}
+			} else {
+				r.SetXForwarded()
+			}
 			r.Out.URL.Scheme = "https"
 			r.Out.URL.Host = r.In.Host
 			r.Out.Host = r.In.Host
@@ -67,7 +85,7 @@ func (s *Server) initProxy() {
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	s.proxyOnce.Do(s.initProxy)
 	start := time.Now()
-	g := s.table.Load().lookupHost(groups.NormalizeHost(r.Host))
+	g := s.table.Load().lookupHost(groups.NormalizeHost(s.routingHost(r)))
 	if g == nil {
 		s.Metrics.request("", http.StatusBadGateway, time.Since(start))
 		textError(w, bodyUnknownHost, http.StatusBadGateway)
@@ -76,6 +94,18 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	sw := &statusWriter{ResponseWriter: w}
 	s.proxy.rp.ServeHTTP(sw, r.WithContext(context.WithValue(r.Context(), groupKey{}, g)))
 	s.Metrics.request(g.name, sw.status, time.Since(start))
+}
+
+// routingHost is the host a request is routed by.
+func (s *Server) routingHost(r *http.Request) string {
+	if s.TrustForwardedHeaders {
+		if v := r.Header.Get("X-Forwarded-Host"); v != "" {
+			// A chain of proxies appends; the first is the visitor's.
+			first, _, _ := strings.Cut(v, ",")
+			return first
+		}
+	}
+	return r.Host
 }
 
 // RoundTrip sends the request to a member of its group. A request that

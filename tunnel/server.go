@@ -43,6 +43,10 @@ type Server struct {
 	RegisterTimeout time.Duration
 	// Metrics, when set, is updated by the server. See NewMetrics.
 	Metrics *Metrics
+	// TrustForwardedHeaders routes by the visitor's X-Forwarded-Host when
+	// present, and extends (rather than replaces) its X-Forwarded-For and
+	// X-Forwarded-Proto. Turn it on only behind a proxy that sets them.
+	TrustForwardedHeaders bool
 	// MaxResponseHeaderBytes limits a member's response headers; zero means
 	// the http3 default.
 	MaxResponseHeaderBytes int
@@ -76,7 +80,7 @@ func (s *Server) SetGroups(defs []Group) error {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	old := s.table.Load()
-	next := &table{byName: make(map[string]*group, len(defs)), byHost: map[string]*group{}}
+	next := &table{byName: make(map[string]*group, len(defs)), byHost: map[string]*group{}, bySuffix: map[string]*group{}}
 	for _, d := range defs {
 		if _, dup := next.byName[d.Name]; dup {
 			return fmt.Errorf("tunnel: group %q defined twice", d.Name)
@@ -88,10 +92,15 @@ func (s *Server) SetGroups(defs []Group) error {
 		next.byName[d.Name] = g
 		for _, h := range d.Hosts {
 			h = groups.NormalizeHost(h)
-			if other, dup := next.byHost[h]; dup {
+			m := next.byHost
+			key := h
+			if suffix, ok := groups.Wildcard(h); ok {
+				m, key = next.bySuffix, suffix
+			}
+			if other, dup := m[key]; dup {
 				return fmt.Errorf("tunnel: host %q in groups %q and %q", h, other.name, d.Name)
 			}
-			next.byHost[h] = g
+			m[key] = g
 		}
 	}
 	for _, d := range defs {
