@@ -205,6 +205,9 @@ func TestFileMissingThenCreated(t *testing.T) {
 	dir := t.TempDir()
 	path := filepath.Join(dir, "groups.yml")
 	src, _ := openFile(t, path)
+	if err := src.Status(); !errors.Is(err, ErrNotLoaded) {
+		t.Errorf("Status before any read = %v, want ErrNotLoaded", err)
+	}
 	if _, err := src.Load(context.Background()); !errors.Is(err, os.ErrNotExist) {
 		t.Fatalf("Load of a missing file: %v, want ErrNotExist", err)
 	}
