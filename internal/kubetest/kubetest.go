@@ -18,7 +18,7 @@
 // The binaries come from REVERST_KUBE_BIN (a directory holding etcd and
 // kube-apiserver) or from the repository's .ci/kube-binaries, which builds
 // them into a cache once (under go test -short only REVERST_KUBE_BIN is
-// looked at). Without them a test fails when CI=true and is skipped, with a
+// looked at). Without them a test fails when CI is set (not false or 0) and is skipped, with a
 // warning on stderr, otherwise.
 package kubetest
 
@@ -373,7 +373,8 @@ func (s *Shared) Stop() {
 	}
 }
 
+// isCI reads CI the way .ci/test does: set, and not "false" or "0".
 func isCI() bool {
-	v, _ := strconv.ParseBool(os.Getenv("CI"))
-	return v
+	v := os.Getenv("CI")
+	return v != "" && v != "false" && v != "0"
 }
