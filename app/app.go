@@ -69,11 +69,15 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 
 	srv := &tunnel.Server{
-		Logger:  logger.With("component", "tunnel"),
-		Metrics: tunnel.NewMetrics(reg),
+		Logger:                logger.With("component", "tunnel"),
+		Metrics:               tunnel.NewMetrics(reg),
+		TrustForwardedHeaders: cfg.TrustForwardedHeaders,
 	}
+	secrets := &sources.Secrets{Logger: logger.With("component", "secrets")}
+	defer secrets.Close()
 	authn := &auth.Factory{
 		Logger:          logger.With("component", "auth"),
+		ReadSecret:      secrets.Read,
 		CacheSize:       cfg.ExternalAuthCache,
 		CacheAllowTTL:   cfg.ExternalAuthAllowTTL,
 		CacheDenyTTL:    cfg.ExternalAuthDenyTTL,
@@ -83,7 +87,11 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	w := &wiring{cfg: cfg, logger: logger, srv: srv, reg: reg, newAuth: func(a groups.Authentication) (tunnel.Authenticator, error) {
 		return authn.New(a)
 	}}
-	source, err := sources.Open(cfg.TunnelGroups, sources.Options{Logger: logger.With("component", "sources")})
+	source, err := sources.Open(cfg.TunnelGroups, sources.Options{
+		Logger:       logger.With("component", "sources"),
+		Registerer:   reg,
+		PollInterval: cfg.GroupsPoll,
+	})
 	if err != nil {
 		return fmt.Errorf("--tunnel-groups: %w", err)
 	}
@@ -126,13 +134,16 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("--http-address %q: %w", cfg.HTTPAddress, err)
 	}
-	frontend := &http.Server{
-		Handler:           srv,
-		ReadHeaderTimeout: 10 * time.Second,
-		IdleTimeout:       2 * time.Minute,
-		MaxHeaderBytes:    1 << 20,
-		ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
+	newFrontend := func() *http.Server {
+		return &http.Server{
+			Handler:           srv,
+			ReadHeaderTimeout: 10 * time.Second,
+			IdleTimeout:       2 * time.Minute,
+			MaxHeaderBytes:    cfg.MaxHeaderBytes,
+			ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
+		}
 	}
+	frontend := newFrontend()
 
 	stopCtx, cancelStop := context.WithCancel(context.WithoutCancel(ctx))
 	defer cancelStop()
@@ -164,6 +175,42 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 				}
 			},
 		},
+	}
+	if cfg.HTTPSAddress != "" {
+		httpsCert := cert
+		if cfg.HTTPSCertificatePath != "" {
+			httpsCert, err = tls.LoadX509KeyPair(cfg.HTTPSCertificatePath, cfg.HTTPSPrivateKeyPath)
+			if err != nil {
+				return fmt.Errorf("loading --https-certificate-path %q and --https-private-key-path %q: %w", cfg.HTTPSCertificatePath, cfg.HTTPSPrivateKeyPath, err)
+			}
+		}
+		httpsLn, err := net.Listen("tcp", cfg.HTTPSAddress)
+		if err != nil {
+			return fmt.Errorf("--https-address %q: %w", cfg.HTTPSAddress, err)
+		}
+		https := newFrontend()
+		https.TLSConfig = &tls.Config{
+			Certificates: []tls.Certificate{httpsCert},
+			NextProtos:   []string{"h2", "http/1.1"},
+			MinVersion:   tls.VersionTLS12,
+		}
+		tasks = append(tasks, task{
+			name: "https frontend",
+			run: func() error {
+				logger.Info("serving HTTPS frontend", "address", httpsLn.Addr().String())
+				if err := https.ServeTLS(httpsLn, "", ""); !errors.Is(err, http.ErrServerClosed) {
+					return fmt.Errorf("https frontend: %w", err)
+				}
+				return nil
+			},
+			stop: func(error) {
+				c, cancel := graceful()
+				defer cancel()
+				if err := https.Shutdown(c); err != nil {
+					_ = https.Close()
+				}
+			},
+		})
 	}
 	if cfg.ManagementAddress != "" {
 		mgmtLn, err := net.Listen("tcp", cfg.ManagementAddress)

@@ -29,10 +29,17 @@ type Config struct {
 	CertificatePath   string        `env:"CERTIFICATE_PATH"`
 	TunnelGroups      string        `env:"TUNNEL_GROUPS" envDefault:"groups.yml"`
 	WatchGroups       bool          `env:"WATCH_GROUPS"`
+	GroupsPoll        time.Duration `env:"GROUPS_POLL_INTERVAL" envDefault:"10s"`
 	ManagementAddress string        `env:"MANAGEMENT_ADDRESS"`
 	MaxIdleTimeout    time.Duration `env:"MAX_IDLE_TIMEOUT" envDefault:"1m"`
 	KeepAlivePeriod   time.Duration `env:"KEEP_ALIVE_PERIOD" envDefault:"30s"`
 	ShutdownTimeout   time.Duration `env:"SHUTDOWN_TIMEOUT" envDefault:"15s"`
+
+	HTTPSAddress          string `env:"HTTPS_ADDRESS"`
+	HTTPSCertificatePath  string `env:"HTTPS_CERTIFICATE_PATH"`
+	HTTPSPrivateKeyPath   string `env:"HTTPS_PRIVATE_KEY_PATH"`
+	TrustForwardedHeaders bool   `env:"TRUST_FORWARDED_HEADERS"`
+	MaxHeaderBytes        int    `env:"MAX_HEADER_BYTES" envDefault:"65536"`
 
 	ExternalAuthTimeout  time.Duration `env:"EXTERNAL_AUTH_TIMEOUT" envDefault:"3s"`
 	ExternalAuthCache    int           `env:"EXTERNAL_AUTH_CACHE_SIZE" envDefault:"4096"`
@@ -73,9 +80,15 @@ func (c *Config) options() []option {
 		{short: "c", long: "certificate-path", env: "CERTIFICATE_PATH", kind: "STRING", required: true, usage: "path to TLS certificate PEM file", bind: str(&c.CertificatePath)},
 		{short: "g", long: "tunnel-groups", env: "TUNNEL_GROUPS", kind: "STRING", def: "groups.yml", usage: "path to file, file://, http(s):// or k8s://configmap/NS/NAME/KEY source of tunnel groups", bind: str(&c.TunnelGroups)},
 		{short: "w", long: "watch-groups", env: "WATCH_GROUPS", kind: "BOOL", usage: "watch tunnel groups sources for updates", bind: boolean(&c.WatchGroups)},
+		{long: "groups-poll-interval", env: "GROUPS_POLL_INTERVAL", kind: "DURATION", def: "10s", usage: "how often a watched http(s) groups source is polled", bind: dur(&c.GroupsPoll)},
 		{long: "management-address", env: "MANAGEMENT_ADDRESS", kind: "STRING", usage: "HTTP address for management API (/metrics, /healthz, /readyz)", bind: str(&c.ManagementAddress)},
 		{long: "max-idle-timeout", env: "MAX_IDLE_TIMEOUT", kind: "DURATION", def: "1m0s", usage: "maximum time a connection can be idle", bind: dur(&c.MaxIdleTimeout)},
 		{long: "keep-alive-period", env: "KEEP_ALIVE_PERIOD", kind: "DURATION", def: "30s", usage: "period between keep-alive events", bind: dur(&c.KeepAlivePeriod)},
+		{long: "https-address", env: "HTTPS_ADDRESS", kind: "STRING", usage: "address for serving HTTPS (HTTP/1.1 and HTTP/2) requests; off when empty", bind: str(&c.HTTPSAddress)},
+		{long: "https-certificate-path", env: "HTTPS_CERTIFICATE_PATH", kind: "STRING", usage: "TLS certificate PEM file of the HTTPS frontend (default: --certificate-path)", bind: str(&c.HTTPSCertificatePath)},
+		{long: "https-private-key-path", env: "HTTPS_PRIVATE_KEY_PATH", kind: "STRING", usage: "TLS private key PEM file of the HTTPS frontend (default: --private-key-path)", bind: str(&c.HTTPSPrivateKeyPath)},
+		{long: "trust-forwarded-headers", env: "TRUST_FORWARDED_HEADERS", kind: "BOOL", usage: "route by X-Forwarded-Host and extend X-Forwarded-* (only behind a trusted proxy)", bind: boolean(&c.TrustForwardedHeaders)},
+		{long: "max-header-bytes", env: "MAX_HEADER_BYTES", kind: "INT", def: "65536", usage: "largest request header the frontends accept", bind: integer(&c.MaxHeaderBytes)},
 		{long: "shutdown-timeout", env: "SHUTDOWN_TIMEOUT", kind: "DURATION", def: "15s", usage: "time allowed for in-flight requests to finish on SIGTERM", bind: dur(&c.ShutdownTimeout)},
 		{long: "external-auth-timeout", env: "EXTERNAL_AUTH_TIMEOUT", kind: "DURATION", def: "3s", usage: "timeout of one call to an external authentication endpoint", bind: dur(&c.ExternalAuthTimeout)},
 		{long: "external-auth-cache-size", env: "EXTERNAL_AUTH_CACHE_SIZE", kind: "INT", def: "4096", usage: "external authentication decisions kept in the LRU cache", bind: integer(&c.ExternalAuthCache)},
@@ -159,10 +172,16 @@ func (c *Config) validate(options []option) error {
 	if _, err := c.level(); err != nil {
 		errs = append(errs, err)
 	}
-	for name, d := range map[string]time.Duration{"max-idle-timeout": c.MaxIdleTimeout, "keep-alive-period": c.KeepAlivePeriod, "shutdown-timeout": c.ShutdownTimeout, "external-auth-timeout": c.ExternalAuthTimeout, "external-auth-allow-ttl": c.ExternalAuthAllowTTL, "external-auth-deny-ttl": c.ExternalAuthDenyTTL} {
+	for name, d := range map[string]time.Duration{"max-idle-timeout": c.MaxIdleTimeout, "keep-alive-period": c.KeepAlivePeriod, "shutdown-timeout": c.ShutdownTimeout, "groups-poll-interval": c.GroupsPoll, "external-auth-timeout": c.ExternalAuthTimeout, "external-auth-allow-ttl": c.ExternalAuthAllowTTL, "external-auth-deny-ttl": c.ExternalAuthDenyTTL} {
 		if d <= 0 {
 			errs = append(errs, fmt.Errorf("--%s: must be positive, got %s", name, d))
 		}
+	}
+	if c.MaxHeaderBytes < 1024 {
+		errs = append(errs, fmt.Errorf("--max-header-bytes: must be at least 1024, got %d", c.MaxHeaderBytes))
+	}
+	if (c.HTTPSCertificatePath == "") != (c.HTTPSPrivateKeyPath == "") {
+		errs = append(errs, errors.New("--https-certificate-path and --https-private-key-path go together"))
 	}
 	if c.ExternalAuthCache < 1 {
 		errs = append(errs, fmt.Errorf("--external-auth-cache-size: must be at least 1, got %d", c.ExternalAuthCache))

@@ -21,7 +21,7 @@ func TestParseConfigDefaults(t *testing.T) {
 		ServerName: "flipt.dev.local", PrivateKeyPath: "key.pem", CertificatePath: "cert.pem",
 		TunnelGroups: "groups.yml", MaxIdleTimeout: time.Minute, KeepAlivePeriod: 30 * time.Second,
 		ShutdownTimeout: 15 * time.Second, ExternalAuthTimeout: 3 * time.Second, ExternalAuthCache: 4096,
-		ExternalAuthAllowTTL: time.Minute, ExternalAuthDenyTTL: 10 * time.Second,
+		ExternalAuthAllowTTL: time.Minute, ExternalAuthDenyTTL: 10 * time.Second, MaxHeaderBytes: 65536, GroupsPoll: 10 * time.Second,
 	}
 	if *c != want {
 		t.Fatalf("got %+v\nwant %+v", *c, want)

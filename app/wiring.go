@@ -1,6 +1,7 @@
 package app
 
 import (
+	"encoding/json"
 	"fmt"
 	"log/slog"
 	"net/http"
@@ -56,7 +57,7 @@ func (w *wiring) apply(cfg *groups.Config) error {
 	return nil
 }
 
-// management serves /metrics, /healthz and /readyz.
+// management serves /metrics, /healthz, /readyz and /status.
 func (w *wiring) management(source sources.Source) http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("GET /metrics", promhttp.HandlerFor(w.reg, promhttp.HandlerOpts{}))
@@ -64,11 +65,26 @@ func (w *wiring) management(source sources.Source) http.Handler {
 		rw.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		_, _ = rw.Write([]byte("ok\n"))
 	})
+	mux.HandleFunc("GET /status", func(rw http.ResponseWriter, _ *http.Request) {
+		rw.Header().Set("Content-Type", "application/json")
+		enc := json.NewEncoder(rw)
+		enc.SetIndent("", "  ")
+		_ = enc.Encode(struct {
+			Groups []tunnel.GroupStatus `json:"groups"`
+		}{w.srv.Status()})
+	})
 	mux.HandleFunc("GET /readyz", func(rw http.ResponseWriter, _ *http.Request) {
 		rw.Header().Set("Content-Type", "text/plain; charset=utf-8")
 		if !w.ready.Load() || !w.srv.HasGroups() {
 			rw.WriteHeader(http.StatusServiceUnavailable)
 			_, _ = rw.Write([]byte("not ready: listeners or groups not up\n"))
+			return
+		}
+		// A source that fails after the first load keeps its last good
+		// groups in force: the server still serves, so it stays ready and
+		// says why the source is unhealthy.
+		if err := source.Status(); err != nil {
+			_, _ = fmt.Fprintf(rw, "ok (groups source %s: %v)\n", source, err)
 			return
 		}
 		_, _ = rw.Write([]byte("ok\n"))

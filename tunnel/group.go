@@ -75,8 +75,9 @@ func (t *table) lookupName(name string) *group {
 // group is the live state of a tunnel group: it outlives routing tables, so
 // that a reload that keeps a group keeps its members.
 type group struct {
-	name string
-	auth atomic.Pointer[authBox]
+	name  string
+	auth  atomic.Pointer[authBox]
+	hosts atomic.Pointer[[]string]
 
 	mu      sync.Mutex
 	removed bool

@@ -15,6 +15,8 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -104,7 +106,10 @@ func (s *Server) SetGroups(defs []Group) error {
 		}
 	}
 	for _, d := range defs {
-		next.byName[d.Name].auth.Store(&authBox{d.Auth})
+		g := next.byName[d.Name]
+		g.auth.Store(&authBox{d.Auth})
+		hosts := slices.Clone(d.Hosts)
+		g.hosts.Store(&hosts)
 	}
 	s.table.Store(next)
 
@@ -225,6 +230,47 @@ func (s *Server) Members() map[string]int {
 	for name, g := range t.byName {
 		out[name] = g.size()
 	}
+	return out
+}
+
+// GroupStatus describes a group for operators.
+type GroupStatus struct {
+	Name    string         `json:"name"`
+	Hosts   []string       `json:"hosts"`
+	Members []MemberStatus `json:"members"`
+}
+
+// MemberStatus describes one registered tunnel connection.
+type MemberStatus struct {
+	RemoteAddr string    `json:"remoteAddr"`
+	Since      time.Time `json:"since"`
+	InFlight   int64     `json:"inFlight"`
+	Draining   bool      `json:"draining"`
+}
+
+// Status returns every group with its hosts and members, sorted by name.
+func (s *Server) Status() []GroupStatus {
+	t := s.table.Load()
+	if t == nil {
+		return []GroupStatus{}
+	}
+	out := make([]GroupStatus, 0, len(t.byName))
+	for name, g := range t.byName {
+		gs := GroupStatus{Name: name, Hosts: []string{}, Members: []MemberStatus{}}
+		if h := g.hosts.Load(); h != nil {
+			gs.Hosts = *h
+		}
+		for _, m := range *g.members.Load() {
+			gs.Members = append(gs.Members, MemberStatus{
+				RemoteAddr: m.remote.String(),
+				Since:      m.since,
+				InFlight:   m.inflight.Load(),
+				Draining:   m.draining.Load(),
+			})
+		}
+		out = append(out, gs)
+	}
+	slices.SortFunc(out, func(a, b GroupStatus) int { return strings.Compare(a.Name, b.Name) })
 	return out
 }
 
