@@ -59,6 +59,7 @@ const (
 	DefaultMinBackoff      = 100 * time.Millisecond
 	DefaultMaxBackoff      = time.Second
 	DefaultRegisterTimeout = 10 * time.Second
+	DefaultResolveInterval = 30 * time.Second
 )
 
 // Defaults of the QUIC configuration used when [Server.QUICConfig] is nil.
@@ -80,6 +81,7 @@ const (
 const (
 	reasonShutdown = "client shutting down"
 	reasonClosed   = "client closed"
+	reasonRetired  = "tunnel address no longer resolves"
 )
 
 // A Server registers with a reverst tunnel server and serves Handler to
@@ -141,6 +143,15 @@ type Server struct {
 	// server reloads its configuration. By default it returns ErrNotFound.
 	RetryNotFound bool
 
+	// Resolver looks up the addresses of the tunnel server's host name.
+	// If nil, [net.DefaultResolver] is used. Tests and custom discovery
+	// can supply their own.
+	Resolver Resolver
+
+	// ResolveInterval is how often the host name is resolved again to
+	// follow replicas that come and go. Zero means DefaultResolveInterval.
+	ResolveInterval time.Duration
+
 	mu     sync.Mutex
 	closed bool
 	done   chan struct{} // closed by Shutdown and Close
@@ -149,7 +160,8 @@ type Server struct {
 
 // ConnectionInfo describes a registered tunnel connection.
 type ConnectionInfo struct {
-	// Addr is the address given to DialAndServe.
+	// Addr is the address given to DialAndServe. RemoteAddr tells which
+	// of the addresses its host resolved to this connection reached.
 	Addr string
 	// LocalAddr and RemoteAddr are the UDP addresses of the connection.
 	LocalAddr, RemoteAddr net.Addr
@@ -162,16 +174,29 @@ type ConnectionInfo struct {
 // connects again, with backoff, until ctx is done or Shutdown or Close is
 // called.
 //
+// When host is a name, DialAndServe keeps one registration on every
+// address it resolves to, as a Kubernetes headless Service returns one
+// address per server replica, so that whichever replica receives a
+// visitor's request has a connection to send it on. Each address has its
+// own connection and reconnect loop. The name is resolved again every
+// ResolveInterval, and sooner (at most once a second) after a connection
+// fails; a connection to an address that no longer resolves is drained
+// like on Shutdown (closed after at most 30s), and a new address is
+// joined. When the name resolves to IPv4 and IPv6 addresses, only the IPv4
+// ones are used, as a dialer would pick. Every connection verifies the
+// server as host, not as the address. An IP literal host is dialled as is.
+//
 // It always returns a non-nil error. After Shutdown or Close, or when ctx
 // is done, the error matches [ErrServerClosed] (and, for ctx, also the
-// context's cause, such as [context.Canceled]). When the server refuses
-// the registration it returns at once, without retrying, an error matching
+// context's cause, such as [context.Canceled]). When the server at any
+// address refuses the registration it returns at once, without retrying
+// and after closing its other connections, an error matching
 // [ErrUnauthorized], [ErrBadRequest] or, unless RetryNotFound is set,
-// [ErrNotFound]. Any other failure (unreachable server, TLS errors, server
-// errors, a dropped connection) is logged and retried.
+// [ErrNotFound]. Any other failure (unresolvable name, unreachable server,
+// TLS errors, server errors, a dropped connection) is logged and retried.
 //
-// Cancelling ctx closes a served connection at once; use Shutdown to let
-// requests in flight finish.
+// Cancelling ctx closes the served connections at once; use Shutdown to
+// let requests in flight finish.
 func (s *Server) DialAndServe(ctx context.Context, addr string) error {
 	if s.TunnelGroup == "" {
 		return fmt.Errorf("client: %w: empty TunnelGroup", ErrBadRequest)
@@ -180,15 +205,19 @@ func (s *Server) DialAndServe(ctx context.Context, addr string) error {
 	if err != nil {
 		return err
 	}
-	quicConf := s.quicConfig()
-	log := s.logger().With("tunnel_address", addr, "group", s.TunnelGroup)
+	host, portName, _ := net.SplitHostPort(addr) // checked by tlsConfig
+	port, err := net.DefaultResolver.LookupPort(ctx, "udp", portName)
+	if err != nil {
+		return fmt.Errorf("client: tunnel address %q: %w", addr, err)
+	}
 
 	done, ok := s.doneChan()
 	if !ok {
 		return ErrServerClosed
 	}
-	// dialCtx bounds dialing, registering and waiting between attempts. A
-	// served connection is bound by ctx only: Shutdown drains it instead.
+	// dialCtx bounds resolving, dialing, registering and waiting between
+	// attempts. Served connections are bound by ctx only: Shutdown drains
+	// them instead.
 	dialCtx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	go func() {
@@ -199,16 +228,48 @@ func (s *Server) DialAndServe(ctx context.Context, addr string) error {
 		}
 	}()
 
+	rs := &replicaSet{
+		s:        s,
+		addr:     addr,
+		host:     host,
+		port:     uint16(port),
+		tlsConf:  tlsConf,
+		quicConf: s.quicConfig(),
+		log:      s.logger().With("tunnel_address", addr, "group", s.TunnelGroup),
+	}
+	return rs.run(ctx, dialCtx)
+}
+
+// dialLoop registers on one address of a replica set and serves, again
+// and again with backoff. It returns nil once the address is retired and
+// its connection drained, the stopped error once s is closed or ctx done,
+// and a permanent refusal at once.
+func (s *Server) dialLoop(ctx context.Context, rs *replicaSet, r *replica) error {
+	log := rs.log.With("remote", r.addr.String())
+	dialAddr := r.addr.String()
+
+	dialCtx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	done, _ := s.doneChan()
+	go func() {
+		select {
+		case <-done:
+		case <-r.retire:
+		case <-dialCtx.Done():
+		}
+		cancel()
+	}()
+
 	var (
 		failures int
 		lastErr  string
 	)
 	for {
 		start := time.Now()
-		tc, err := s.connect(dialCtx, addr, tlsConf, quicConf)
+		tc, err := s.connect(dialCtx, dialAddr, rs.tlsConf, rs.quicConf)
 		if err == nil {
-			log.Info("tunnel registered", "remote", tc.conn.RemoteAddr().String())
-			err = s.serve(ctx, addr, tc)
+			log.Info("tunnel registered")
+			err = s.serve(ctx, rs.addr, tc, r.retire)
 			if time.Since(start) >= s.maxBackoff() {
 				// Only a connection that lasted resets the backoff, so
 				// that a server accepting and dropping at once is not
@@ -220,10 +281,16 @@ func (s *Server) DialAndServe(ctx context.Context, addr string) error {
 		if err := s.stopped(ctx); err != nil {
 			return err
 		}
+		if r.retired() {
+			log.Info("tunnel address retired")
+			return nil
+		}
 		if s.permanent(err) {
 			log.Error("tunnel registration refused", "error", err)
 			return err
 		}
+		// The replica may have moved to a new address.
+		rs.kickResolve()
 
 		delay := backoff(s.minBackoff(), s.maxBackoff(), failures)
 		failures++
@@ -356,8 +423,8 @@ func closeError(conn *quic.Conn, err error) error {
 }
 
 // serve serves HTTP/3 on a registered connection until it ends, and
-// returns why it ended.
-func (s *Server) serve(ctx context.Context, addr string, tc *tunnelConn) error {
+// returns why it ended. Once retire is closed the connection drains.
+func (s *Server) serve(ctx context.Context, addr string, tc *tunnelConn, retire <-chan struct{}) error {
 	defer s.untrack(tc)
 	defer close(tc.done)
 
@@ -371,6 +438,21 @@ func (s *Server) serve(ctx context.Context, addr string, tc *tunnelConn) error {
 	}
 	stop := context.AfterFunc(ctx, func() { tc.close(reasonClosed) })
 	defer stop()
+	go func() {
+		select {
+		case <-retire:
+		case <-tc.done:
+			return
+		}
+		tc.drain()
+		timer := time.NewTimer(retireTimeout)
+		defer timer.Stop()
+		select {
+		case <-timer.C:
+			tc.close(reasonRetired)
+		case <-tc.done:
+		}
+	}()
 
 	// The http3.Server is never shut down: its GOAWAY carries a stream ID
 	// the tunnel server rejects in the reversed roles (see the protocol
@@ -511,6 +593,20 @@ func (s *Server) maxBackoff() time.Duration {
 		return max(s.MaxBackoff, s.minBackoff())
 	}
 	return max(DefaultMaxBackoff, s.minBackoff())
+}
+
+func (s *Server) resolver() Resolver {
+	if s.Resolver != nil {
+		return s.Resolver
+	}
+	return net.DefaultResolver
+}
+
+func (s *Server) resolveInterval() time.Duration {
+	if s.ResolveInterval > 0 {
+		return s.ResolveInterval
+	}
+	return DefaultResolveInterval
 }
 
 func (s *Server) registerTimeout() time.Duration {

@@ -156,10 +156,16 @@ func defaultVerdict(req *protocol.RegisterRequest) error {
 
 func newTunnelServer(t testing.TB) *tunnelServer {
 	t.Helper()
-	s := &tunnelServer{t: t, pki: newPKI(t), members: make(chan *member, 16)}
+	return newTunnelServerAt(t, newPKI(t), "127.0.0.1:0")
+}
+
+// newTunnelServerAt starts a server with pki's certificate on addr.
+func newTunnelServerAt(t testing.TB, pki *testPKI, addr string) *tunnelServer {
+	t.Helper()
+	s := &tunnelServer{t: t, pki: pki, members: make(chan *member, 16)}
 	v := defaultVerdict
 	s.verdict.Store(&v)
-	s.listen("127.0.0.1:0")
+	s.listen(addr)
 	t.Cleanup(s.stop)
 	return s
 }
