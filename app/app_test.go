@@ -1,0 +1,220 @@
+package app
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/reverst-dev/reverst/client"
+)
+
+// freeAddr returns a loopback address that was free a moment ago.
+func freeAddr(t *testing.T, network string) string {
+	t.Helper()
+	if network == "udp" {
+		c, err := net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		return c.LocalAddr().String()
+	}
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func writeFile(t *testing.T, path, content string) {
+	t.Helper()
+	if err := os.WriteFile(path+".tmp", []byte(content), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(path+".tmp", path); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func httpGet(t *testing.T, c *http.Client, url, host string) (int, string) {
+	t.Helper()
+	req, _ := http.NewRequest(http.MethodGet, url, nil)
+	if host != "" {
+		req.Host = host
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		t.Fatalf("GET %s: %v", url, err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp.StatusCode, string(b)
+}
+
+// TestRun runs the whole server on loopback with the bundled example's
+// certificate: a client registers and is reached over HTTP and HTTPS, the
+// management API answers, a groups file change is applied live, and a
+// cancelled context stops everything cleanly.
+func TestRun(t *testing.T) {
+	dir := t.TempDir()
+	groupsFile := filepath.Join(dir, "groups.yml")
+	writeFile(t, groupsFile, `groups: {svc: {hosts: [svc.example], authentication: {bearer: {token: secret}}}}`)
+	cfg, err := ParseConfig([]string{
+		"-n", "flipt.dev.local",
+		"-k", "../examples/simple/server.key",
+		"-c", "../examples/simple/server.crt",
+		"-g", groupsFile, "-w",
+		"-a", freeAddr(t, "udp"),
+		"-s", freeAddr(t, "tcp"),
+		"--https-address", freeAddr(t, "tcp"),
+		"--management-address", freeAddr(t, "tcp"),
+	}, map[string]string{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- Run(ctx, cfg, slog.New(slog.NewTextHandler(io.Discard, nil))) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Errorf("Run: %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Error("Run did not return after cancel")
+		}
+	})
+
+	mgmt := "http://" + cfg.ManagementAddress
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		resp, err := http.Get(mgmt + "/readyz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("not ready: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+
+	pem, err := os.ReadFile("../examples/simple/server.crt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(pem)
+	ready := make(chan struct{}, 1)
+	member := &client.Server{
+		TunnelGroup:   "svc",
+		Handler:       http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprintf(w, "hi %s via %s", r.URL.Path, r.Proto) }),
+		TLSConfig:     &tls.Config{RootCAs: roots, ServerName: "flipt.dev.local"},
+		Authenticator: client.BearerAuthenticator("secret"),
+		Logger:        slog.New(slog.DiscardHandler),
+		OnConnectionReady: func(client.ConnectionInfo) {
+			select {
+			case ready <- struct{}{}:
+			default:
+			}
+		},
+	}
+	go func() { _ = member.DialAndServe(ctx, cfg.TunnelAddress) }()
+	select {
+	case <-ready:
+	case <-time.After(5 * time.Second):
+		t.Fatal("client not registered")
+	}
+
+	if code, body := httpGet(t, http.DefaultClient, "http://"+cfg.HTTPAddress+"/x", "svc.example"); code != 200 || !strings.HasPrefix(body, "hi /x") {
+		t.Fatalf("http frontend: %d %q", code, body)
+	}
+	tr := &http.Transport{TLSClientConfig: &tls.Config{RootCAs: roots, ServerName: "flipt.dev.local"}, ForceAttemptHTTP2: true}
+	resp, err := (&http.Client{Transport: tr}).Get("https://" + cfg.HTTPSAddress + "/y")
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != 502 || resp.Proto != "HTTP/2.0" {
+		t.Fatalf("https frontend with host flipt.dev.local: %d %s, want 502 over HTTP/2", resp.StatusCode, resp.Proto)
+	}
+	if code, body := httpGet(t, &http.Client{Transport: tr}, "https://"+cfg.HTTPSAddress+"/y", "svc.example"); code != 200 || !strings.HasPrefix(body, "hi /y") {
+		t.Fatalf("https frontend: %d %q", code, body)
+	}
+
+	var status struct {
+		Groups []struct {
+			Name    string
+			Hosts   []string
+			Members []struct {
+				RemoteAddr string
+				Draining   bool
+			}
+		}
+	}
+	_, body := httpGet(t, http.DefaultClient, mgmt+"/status", "")
+	if err := json.Unmarshal([]byte(body), &status); err != nil {
+		t.Fatalf("status %q: %v", body, err)
+	}
+	if len(status.Groups) != 1 || status.Groups[0].Name != "svc" || len(status.Groups[0].Members) != 1 {
+		t.Fatalf("status: %s", body)
+	}
+	if code, body := httpGet(t, http.DefaultClient, mgmt+"/metrics", ""); code != 200 ||
+		!strings.Contains(body, `reverst_group_members{group="svc"} 1`) ||
+		!strings.Contains(body, `reverst_proxied_requests_total{code="2xx",group="svc"} 2`) {
+		t.Fatalf("metrics: %d\n%s", code, body)
+	}
+	if code, body := httpGet(t, http.DefaultClient, mgmt+"/healthz", ""); code != 200 {
+		t.Fatalf("healthz: %d %q", code, body)
+	}
+
+	// A broken edit keeps the groups; a good one is applied, and the
+	// member of a kept group stays.
+	writeFile(t, groupsFile, `groups: {svc: {hosts: []}}`)
+	writeFile(t, groupsFile, `groups: {svc: {hosts: [svc.example, new.example], authentication: {bearer: {token: secret}}}, other: {hosts: [other.example]}}`)
+	deadline = time.Now().Add(5 * time.Second)
+	for {
+		code, _ := httpGet(t, http.DefaultClient, "http://"+cfg.HTTPAddress+"/z", "new.example")
+		if code == 200 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("reload not applied: %d", code)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	if code, _ := httpGet(t, http.DefaultClient, "http://"+cfg.HTTPAddress+"/", "other.example"); code != 503 {
+		t.Fatalf("new group: %d, want 503", code)
+	}
+}
+
+func TestRunRejectsInvalidGroups(t *testing.T) {
+	dir := t.TempDir()
+	groupsFile := filepath.Join(dir, "groups.yml")
+	writeFile(t, groupsFile, `groups: {svc: {hosts: [a], authentication: {basic: {username: u}}}}`)
+	cfg, err := ParseConfig([]string{"-n", "x", "-k", "../examples/simple/server.key", "-c", "../examples/simple/server.crt", "-g", groupsFile,
+		"-a", freeAddr(t, "udp"), "-s", freeAddr(t, "tcp")}, map[string]string{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = Run(context.Background(), cfg, slog.New(slog.DiscardHandler))
+	if err == nil || !strings.Contains(err.Error(), `group "svc"`) || !strings.Contains(err.Error(), "basic.password") {
+		t.Fatalf("got %v, want an error naming the group and field", err)
+	}
+}
