@@ -145,9 +145,7 @@ func TestURLFollowsServer(t *testing.T) {
 	if calls := a.snapshot(); len(calls) != 2 {
 		t.Errorf("applied %v, want [[a b] [c]]", calls)
 	}
-	if err := src.Status(); err != nil {
-		t.Errorf("Status = %v", err)
-	}
+	eventually(t, "healthy after a good definition", func() bool { return src.Status() == nil })
 }
 
 func TestURLErrors(t *testing.T) {
