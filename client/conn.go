@@ -69,6 +69,10 @@ func (tc *tunnelConn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		http.Error(w, "internal server error", http.StatusInternalServerError)
 	}()
+	if isUpgradeStream(r) {
+		serveUpgrade(w, tc.handler, tc.conn.LocalAddr(), tc.conn.RemoteAddr(), tc.log)
+		return
+	}
 	tc.handler.ServeHTTP(rw, r)
 }
 

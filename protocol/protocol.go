@@ -30,6 +30,16 @@
 // in flow control), and an older client never writes on it. Unknown message
 // types are ignored, and the end of the stream means nothing.
 //
+// # Upgrades (an extension)
+//
+// A visitor's HTTP/1.1 Upgrade request (WebSocket and the like) cannot be
+// expressed as an HTTP/3 request. The server sends it as an extended
+// CONNECT (RFC 9220) with the :protocol [UpgradeProtocol]; a client that
+// knows the extension answers 200 and then treats the request stream as a
+// raw HTTP/1.1 connection on which the server writes the visitor's
+// original request and relays the bytes both ways. Any other answer means
+// the client does not support upgrades, and the visitor gets a 502.
+//
 // On failure the server does not answer: it closes the QUIC connection with
 // an application error code ([CodeOK], [CodeServerError], [CodeClientError])
 // and a reason. For client errors the reason is exactly one of
@@ -108,6 +118,10 @@ type RegisterResponse struct {
 	Metadata map[string]string
 	Body     []byte
 }
+
+// UpgradeProtocol is the extended CONNECT :protocol of a stream that
+// carries a raw HTTP/1.1 connection for an upgraded request.
+const UpgradeProtocol = "reverst-http1"
 
 // ControlMessage travels on the client's side of the register stream after
 // the register request.

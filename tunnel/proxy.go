@@ -91,6 +91,11 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		textError(w, bodyUnknownHost, http.StatusBadGateway)
 		return
 	}
+	if isUpgrade(r) {
+		status := s.serveUpgrade(w, r, g)
+		s.Metrics.request(g.name, status, time.Since(start))
+		return
+	}
 	sw := &statusWriter{ResponseWriter: w}
 	s.proxy.rp.ServeHTTP(sw, r.WithContext(context.WithValue(r.Context(), groupKey{}, g)))
 	s.Metrics.request(g.name, sw.status, time.Since(start))

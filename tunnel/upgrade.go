@@ -1,0 +1,143 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"sync"
+	"time"
+
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/http3"
+	"golang.org/x/net/http/httpguts"
+
+	"github.com/reverst-dev/reverst/protocol"
+)
+
+// isUpgrade reports whether r asks to switch protocols (WebSocket, …).
+func isUpgrade(r *http.Request) bool {
+	return r.ProtoMajor == 1 && r.Header.Get("Upgrade") != "" &&
+		httpguts.HeaderValuesContainsToken(r.Header["Connection"], "Upgrade")
+}
+
+// serveUpgrade relays an HTTP/1.1 upgrade to a member over an extended
+// CONNECT stream (see the protocol package): the member's answer, 101 or
+// not, goes back to the visitor byte for byte, and so does everything
+// after it, in both directions, until either side closes.
+func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request, g *group) int {
+	m := g.pick(nil)
+	if m == nil {
+		textError(w, bodyNoMember, http.StatusServiceUnavailable)
+		return http.StatusServiceUnavailable
+	}
+	m.inflight.Add(1)
+	defer m.inflight.Add(-1)
+
+	ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
+	str, err := s.openUpgrade(ctx, m, r)
+	cancel()
+	if err != nil {
+		s.logger().Warn("upgrade refused by member", "group", g.name, "error", err)
+		textError(w, bodyNoUpgrade, http.StatusBadGateway)
+		return http.StatusBadGateway
+	}
+	defer str.Close()
+
+	out := r.Clone(context.Background())
+	out.Header.Del("X-Forwarded-For")
+	out.Header.Del("X-Forwarded-Host")
+	out.Header.Del("X-Forwarded-Proto")
+	if s.TrustForwardedHeaders {
+		for _, h := range []string{"X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
+			if v, ok := r.Header[h]; ok {
+				out.Header[h] = v
+			}
+		}
+	}
+	if ip, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
+		if prior := out.Header.Get("X-Forwarded-For"); prior != "" {
+			ip = prior + ", " + ip
+		}
+		out.Header.Set("X-Forwarded-For", ip)
+	}
+	if out.Header.Get("X-Forwarded-Host") == "" {
+		out.Header.Set("X-Forwarded-Host", r.Host)
+	}
+	if out.Header.Get("X-Forwarded-Proto") == "" {
+		proto := "http"
+		if r.TLS != nil {
+			proto = "https"
+		}
+		out.Header.Set("X-Forwarded-Proto", proto)
+	}
+
+	visitor, buf, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		str.CancelRead(quic.StreamErrorCode(http3.ErrCodeRequestCanceled))
+		str.CancelWrite(quic.StreamErrorCode(http3.ErrCodeRequestCanceled))
+		textError(w, bodyBadGateway, http.StatusInternalServerError)
+		return http.StatusInternalServerError
+	}
+	defer visitor.Close()
+	if err := out.Write(str); err != nil {
+		return http.StatusBadGateway
+	}
+
+	var wg sync.WaitGroup
+	wg.Go(func() {
+		// Visitor to member: what the server already buffered first.
+		_, _ = io.Copy(str, io.MultiReader(io.LimitReader(buf.Reader, int64(buf.Reader.Buffered())), visitor))
+		_ = str.Close()
+	})
+	_, _ = io.Copy(visitor, str)
+	if cw, ok := visitor.(interface{ CloseWrite() error }); ok {
+		_ = cw.CloseWrite()
+	}
+	// The member is done; give the visitor a moment to finish its side,
+	// then cut it so that nothing lingers.
+	_ = visitor.SetReadDeadline(time.Now().Add(5 * time.Second))
+	wg.Wait()
+	str.CancelRead(quic.StreamErrorCode(http3.ErrCodeNoError))
+	return http.StatusSwitchingProtocols
+}
+
+const bodyNoUpgrade = "reverst: the tunnel client does not support protocol upgrades (WebSocket)\n"
+
+var errUpgradeRefused = errors.New("member refused the upgrade stream")
+
+func (s *Server) openUpgrade(ctx context.Context, m *member, r *http.Request) (*http3.RequestStream, error) {
+	str, err := m.cc.OpenRequestStream(ctx)
+	if err != nil {
+		return nil, err
+	}
+	req := &http.Request{
+		Method: http.MethodConnect,
+		Proto:  protocol.UpgradeProtocol,
+		URL:    &url.URL{Scheme: "https", Host: r.Host, Path: "/"},
+		Host:   r.Host,
+		Header: http.Header{},
+	}
+	if err := str.SendRequestHeader(req.WithContext(ctx)); err != nil {
+		str.CancelRead(quic.StreamErrorCode(http3.ErrCodeRequestCanceled))
+		return nil, err
+	}
+	stop := context.AfterFunc(ctx, func() { _ = str.SetReadDeadline(time.Now()) })
+	resp, err := str.ReadResponse()
+	stop()
+	if err != nil {
+		str.CancelWrite(quic.StreamErrorCode(http3.ErrCodeRequestCanceled))
+		str.CancelRead(quic.StreamErrorCode(http3.ErrCodeRequestCanceled))
+		return nil, err
+	}
+	_ = str.SetReadDeadline(time.Time{})
+	if resp.StatusCode != http.StatusOK {
+		str.CancelWrite(quic.StreamErrorCode(http3.ErrCodeRequestCanceled))
+		str.CancelRead(quic.StreamErrorCode(http3.ErrCodeRequestCanceled))
+		return nil, fmt.Errorf("%w: status %d", errUpgradeRefused, resp.StatusCode)
+	}
+	return str, nil
+}

@@ -1,0 +1,122 @@
+package tunnel_test
+
+import (
+	"context"
+	"fmt"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/quic-go/quic-go/http3"
+	"golang.org/x/net/websocket"
+
+	"github.com/reverst-dev/reverst/client"
+	"github.com/reverst-dev/reverst/protocol"
+	"github.com/reverst-dev/reverst/tunnel"
+)
+
+func TestWebSocketEcho(t *testing.T) {
+	e := startServer(t, tunnel.Group{Name: "ws", Hosts: []string{"127.0.0.1"}})
+	closed := make(chan string, 1)
+	ready := make(chan struct{}, 1)
+	srv := &client.Server{
+		TunnelGroup: "ws",
+		TLSConfig:   e.clientTLS(),
+		Handler: websocket.Handler(func(ws *websocket.Conn) {
+			r := ws.Request()
+			if _, err := fmt.Fprintf(ws, "hello %s xff=%s", r.Host, r.Header.Get("X-Forwarded-For")); err != nil {
+				closed <- err.Error()
+				return
+			}
+			for {
+				var msg string
+				if err := websocket.Message.Receive(ws, &msg); err != nil {
+					closed <- fmt.Sprint("receive ended: ", err)
+					return
+				}
+				if err := websocket.Message.Send(ws, msg); err != nil {
+					closed <- err.Error()
+					return
+				}
+			}
+		}),
+		OnConnectionReady: func(client.ConnectionInfo) { ready <- struct{}{} },
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { _ = srv.DialAndServe(ctx, e.addr) }()
+	<-ready
+
+	url := strings.Replace(e.frontend, "http://", "ws://", 1) + "/echo"
+	ws, err := websocket.Dial(url, "", e.frontend)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var greeting string
+	if err := websocket.Message.Receive(ws, &greeting); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(greeting, "hello 127.0.0.1:") || !strings.Contains(greeting, "xff=127.0.0.1") {
+		t.Fatalf("greeting %q", greeting)
+	}
+	for i := range 20 {
+		msg := fmt.Sprintf("message %d %s", i, strings.Repeat("x", i*1000))
+		if err := websocket.Message.Send(ws, msg); err != nil {
+			t.Fatal(err)
+		}
+		var got string
+		if err := websocket.Message.Receive(ws, &got); err != nil {
+			t.Fatal(err)
+		}
+		if got != msg {
+			t.Fatalf("echo %d: got %d bytes, want %d", i, len(got), len(msg))
+		}
+	}
+	// Closing on the visitor's side reaches the member's handler.
+	ws.Close()
+	select {
+	case how := <-closed:
+		t.Log(how)
+	case <-time.After(5 * time.Second):
+		t.Fatal("member handler did not see the close")
+	}
+}
+
+// An older tunnel client serves plain HTTP/3 without the upgrade
+// extension: its plain requests work, and an upgrade is a clean 502.
+func TestUpgradeToOlderClient(t *testing.T) {
+	e := startServer(t, tunnel.Group{Name: "old", Hosts: []string{"127.0.0.1"}})
+	conn := e.dialRaw(t)
+	str, err := conn.OpenStreamSync(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := protocol.WriteRequest(str, &protocol.RegisterRequest{Version: 1, TunnelGroup: "old"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := protocol.ReadResponse(str); err != nil {
+		t.Fatal(err)
+	}
+	h3 := &http3.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodConnect {
+			http.Error(w, "no", http.StatusMethodNotAllowed)
+			return
+		}
+		fmt.Fprint(w, "old client ok")
+	})}
+	go func() { _ = h3.ServeQUICConn(conn) }()
+	e.waitMembers(t, "old", func(n int) bool { return n == 1 })
+
+	if code, body := e.get(t, "127.0.0.1", "/"); code != 200 || body != "old client ok" {
+		t.Fatalf("plain request: %d %q", code, body)
+	}
+	url := strings.Replace(e.frontend, "http://", "ws://", 1) + "/"
+	_, err = websocket.Dial(url, "", e.frontend)
+	if err == nil || !strings.Contains(err.Error(), "bad status") {
+		t.Fatalf("websocket to an older client: %v, want a bad status", err)
+	}
+	if code, _ := e.get(t, "127.0.0.1", "/"); code != 200 {
+		t.Fatalf("after the refused upgrade: %d", code)
+	}
+}
