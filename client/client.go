@@ -69,12 +69,16 @@ const (
 	// continuously during an outage, so that the tunnel is back within
 	// about a second of the server.
 	DefaultHandshakeIdleTimeout = 1500 * time.Millisecond
-	// DefaultKeepAlivePeriod keeps NAT bindings open and lets either side
-	// notice a dead peer.
-	DefaultKeepAlivePeriod = 2 * time.Second
+	// DefaultKeepAlivePeriod keeps NAT bindings open and, with
+	// DefaultMaxIdleTimeout, lets either side notice a dead peer quickly.
+	DefaultKeepAlivePeriod = 250 * time.Millisecond
 	// DefaultMaxIdleTimeout is how long a silent connection lives; the
-	// effective value is the smaller of the client's and the server's.
-	DefaultMaxIdleTimeout = 6 * time.Second
+	// effective value is the smaller of the client's and the server's, so
+	// the client's short one makes the tunnel server drop a killed or
+	// unreachable member (and fail over its requests) within about a
+	// second. The cost is a keep-alive packet every DefaultKeepAlivePeriod;
+	// raise both on lossy networks.
+	DefaultMaxIdleTimeout = 1200 * time.Millisecond
 )
 
 // closing reasons sent with protocol.CodeOK.
