@@ -1,0 +1,111 @@
+package main
+
+import (
+	"bytes"
+	"errors"
+	"flag"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestParseConfig(t *testing.T) {
+	tests := []struct {
+		name    string
+		args    []string
+		env     map[string]string
+		check   func(*config) bool
+		wantErr string
+	}{
+		{
+			name: "defaults",
+			args: []string{"-g", "g", "http", "8080"},
+			check: func(c *config) bool {
+				return c.TunnelAddress == "127.0.0.1:7171" && c.Group == "g" && c.HostHeader == hostPreserve &&
+					c.ShutdownTimeout == 15*time.Second && c.target.String() == "http://localhost:8080" && c.authenticator() == nil
+			},
+		},
+		{
+			name: "environment",
+			args: []string{"http", "example.internal:3000"},
+			env: map[string]string{
+				"REVERST_TUNNEL_ADDRESS": "tunnel.example:7000", "REVERST_TUNNEL_GROUP": "eg", "REVERST_SERVER_NAME": "sni.example",
+				"REVERST_INSECURE_SKIP_VERIFY": "true", "REVERST_TOKEN": "tok", "REVERST_HOST_HEADER": "rewrite",
+				"REVERST_SHUTDOWN_TIMEOUT": "2s", "REVERST_LOG": "debug",
+			},
+			check: func(c *config) bool {
+				return c.TunnelAddress == "tunnel.example:7000" && c.Group == "eg" && c.ServerName == "sni.example" && c.Insecure &&
+					c.Token == "tok" && c.HostHeader == hostRewrite && c.ShutdownTimeout == 2*time.Second && c.Log == "debug" &&
+					c.target.String() == "http://example.internal:3000" && c.authenticator() != nil
+			},
+		},
+		{
+			name: "flag wins over env, flags after the arguments",
+			args: []string{"http", "https://127.0.0.1:8443/base", "--group", "flag", "-a", "10.0.0.1:7171", "-u", "user"},
+			env:  map[string]string{"REVERST_TUNNEL_GROUP": "env", "REVERST_TUNNEL_ADDRESS": "env:1", "REVERST_PASSWORD": "secret"},
+			check: func(c *config) bool {
+				return c.Group == "flag" && c.TunnelAddress == "10.0.0.1:7171" && c.Username == "user" && c.Password == "secret" &&
+					c.target.String() == "https://127.0.0.1:8443/base"
+			},
+		},
+		{name: "no arguments", args: []string{"-g", "g"}, wantErr: "want the arguments"},
+		{name: "unknown protocol", args: []string{"-g", "g", "tcp", "22"}, wantErr: "want the arguments"},
+		{name: "extra argument", args: []string{"-g", "g", "http", "80", "81"}, wantErr: "want the arguments"},
+		{name: "no group", args: []string{"http", "80"}, wantErr: "REVERST_TUNNEL_GROUP"},
+		{name: "bad port", args: []string{"-g", "g", "http", "eighty"}, wantErr: "invalid port"},
+		{name: "bad scheme", args: []string{"-g", "g", "http", "ftp://x:21"}, wantErr: "scheme must be http or https"},
+		{name: "no host", args: []string{"-g", "g", "http", "http://:80"}, wantErr: "no host"},
+		{name: "address without port", args: []string{"-g", "g", "-a", "tunnel.example", "http", "80"}, wantErr: "--tunnel-address"},
+		{name: "ca and insecure", args: []string{"-g", "g", "--ca", "x.pem", "--insecure", "http", "80"}, wantErr: "exclude each other"},
+		{name: "user without password", args: []string{"-g", "g", "-u", "user", "http", "80"}, wantErr: "both --username and --password"},
+		{name: "basic and token", args: []string{"-g", "g", "-u", "u", "-p", "p", "-t", "t", "http", "80"}, wantErr: "not both"},
+		{name: "bad log level", args: []string{"-g", "g", "--log", "loud", "http", "80"}, wantErr: "REVERST_LOG"},
+		{name: "bad env value", args: []string{"-g", "g", "http", "80"}, env: map[string]string{"REVERST_SHUTDOWN_TIMEOUT": "soon"}, wantErr: "REVERST_SHUTDOWN_TIMEOUT"},
+		{name: "unknown flag", args: []string{"--nope", "-g", "g", "http", "80"}, wantErr: "nope"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			env := tt.env
+			if env == nil {
+				env = map[string]string{}
+			}
+			c, err := parseConfig(tt.args, env, &bytes.Buffer{})
+			if tt.wantErr != "" {
+				if err == nil || !errors.Is(err, errUsage) || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("parseConfig = %v, want a usage error containing %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatalf("parseConfig: %v", err)
+			}
+			if !tt.check(c) {
+				t.Errorf("config = %+v (target %v)", c, c.target)
+			}
+		})
+	}
+}
+
+func TestUsageListsEveryFlagAndEnv(t *testing.T) {
+	var out bytes.Buffer
+	if _, err := parseConfig([]string{"-h"}, map[string]string{}, &out); !errors.Is(err, flag.ErrHelp) {
+		t.Fatalf("parseConfig(-h) = %v, want flag.ErrHelp", err)
+	}
+	usage := out.String()
+	for _, o := range (&config{}).options() {
+		for _, want := range []string{"--" + o.long, "$" + envPrefix + o.env} {
+			if !strings.Contains(usage, want) {
+				t.Errorf("usage lacks %q", want)
+			}
+		}
+		if o.short != "" && !strings.Contains(usage, "-"+o.short+", --"+o.long) {
+			t.Errorf("usage lacks -%s", o.short)
+		}
+	}
+	for _, want := range []string{"REVERST_TUNNEL_ADDRESS", "REVERST_TUNNEL_GROUP", "REVERST_SERVER_NAME", "REVERST_CA_FILE",
+		"REVERST_INSECURE_SKIP_VERIFY", "REVERST_USERNAME", "REVERST_PASSWORD", "REVERST_TOKEN", "http TARGET"} {
+		if !strings.Contains(usage, want) {
+			t.Errorf("usage lacks %q", want)
+		}
+	}
+}
