@@ -72,6 +72,10 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 		Logger:                logger.With("component", "tunnel"),
 		Metrics:               tunnel.NewMetrics(reg),
 		TrustForwardedHeaders: cfg.TrustForwardedHeaders,
+		MaxRequestsPerMember:  cfg.MaxRequestsPerMember,
+		QueueTimeout:          cfg.QueueTimeout,
+		RegistrationRate:      cfg.RegistrationRate,
+		RegistrationBurst:     cfg.RegistrationBurst,
 	}
 	secrets := &sources.Secrets{Logger: logger.With("component", "secrets")}
 	defer secrets.Close()

@@ -41,6 +41,11 @@ type Config struct {
 	TrustForwardedHeaders bool   `env:"TRUST_FORWARDED_HEADERS"`
 	MaxHeaderBytes        int    `env:"MAX_HEADER_BYTES" envDefault:"65536"`
 
+	MaxRequestsPerMember int           `env:"MAX_REQUESTS_PER_MEMBER" envDefault:"0"`
+	QueueTimeout         time.Duration `env:"QUEUE_TIMEOUT" envDefault:"1s"`
+	RegistrationRate     float64       `env:"REGISTRATION_RATE" envDefault:"50"`
+	RegistrationBurst    int           `env:"REGISTRATION_BURST" envDefault:"200"`
+
 	ExternalAuthTimeout  time.Duration `env:"EXTERNAL_AUTH_TIMEOUT" envDefault:"3s"`
 	ExternalAuthCache    int           `env:"EXTERNAL_AUTH_CACHE_SIZE" envDefault:"4096"`
 	ExternalAuthAllowTTL time.Duration `env:"EXTERNAL_AUTH_ALLOW_TTL" envDefault:"1m"`
@@ -68,6 +73,9 @@ func (c *Config) options() []option {
 	integer := func(p *int) func(*flag.FlagSet, string) {
 		return func(fs *flag.FlagSet, name string) { fs.IntVar(p, name, *p, "") }
 	}
+	float := func(p *float64) func(*flag.FlagSet, string) {
+		return func(fs *flag.FlagSet, name string) { fs.Float64Var(p, name, *p, "") }
+	}
 	boolean := func(p *bool) func(*flag.FlagSet, string) {
 		return func(fs *flag.FlagSet, name string) { fs.BoolVar(p, name, *p, "") }
 	}
@@ -89,6 +97,10 @@ func (c *Config) options() []option {
 		{long: "https-private-key-path", env: "HTTPS_PRIVATE_KEY_PATH", kind: "STRING", usage: "TLS private key PEM file of the HTTPS frontend (default: --private-key-path)", bind: str(&c.HTTPSPrivateKeyPath)},
 		{long: "trust-forwarded-headers", env: "TRUST_FORWARDED_HEADERS", kind: "BOOL", usage: "route by X-Forwarded-Host and extend X-Forwarded-* (only behind a trusted proxy)", bind: boolean(&c.TrustForwardedHeaders)},
 		{long: "max-header-bytes", env: "MAX_HEADER_BYTES", kind: "INT", def: "65536", usage: "largest request header the frontends accept", bind: integer(&c.MaxHeaderBytes)},
+		{long: "max-requests-per-member", env: "MAX_REQUESTS_PER_MEMBER", kind: "INT", def: "0", usage: "requests in flight per tunnel member before requests queue (0: no limit)", bind: integer(&c.MaxRequestsPerMember)},
+		{long: "queue-timeout", env: "QUEUE_TIMEOUT", kind: "DURATION", def: "1s", usage: "how long a request waits for a member below its limit before a 503", bind: dur(&c.QueueTimeout)},
+		{long: "registration-rate", env: "REGISTRATION_RATE", kind: "FLOAT", def: "50", usage: "tunnel registrations per second allowed from one IP address (0: no limit)", bind: float(&c.RegistrationRate)},
+		{long: "registration-burst", env: "REGISTRATION_BURST", kind: "INT", def: "200", usage: "burst of registrations allowed from one IP address", bind: integer(&c.RegistrationBurst)},
 		{long: "shutdown-timeout", env: "SHUTDOWN_TIMEOUT", kind: "DURATION", def: "15s", usage: "time allowed for in-flight requests to finish on SIGTERM", bind: dur(&c.ShutdownTimeout)},
 		{long: "external-auth-timeout", env: "EXTERNAL_AUTH_TIMEOUT", kind: "DURATION", def: "3s", usage: "timeout of one call to an external authentication endpoint", bind: dur(&c.ExternalAuthTimeout)},
 		{long: "external-auth-cache-size", env: "EXTERNAL_AUTH_CACHE_SIZE", kind: "INT", def: "4096", usage: "external authentication decisions kept in the LRU cache", bind: integer(&c.ExternalAuthCache)},
@@ -172,10 +184,13 @@ func (c *Config) validate(options []option) error {
 	if _, err := c.level(); err != nil {
 		errs = append(errs, err)
 	}
-	for name, d := range map[string]time.Duration{"max-idle-timeout": c.MaxIdleTimeout, "keep-alive-period": c.KeepAlivePeriod, "shutdown-timeout": c.ShutdownTimeout, "groups-poll-interval": c.GroupsPoll, "external-auth-timeout": c.ExternalAuthTimeout, "external-auth-allow-ttl": c.ExternalAuthAllowTTL, "external-auth-deny-ttl": c.ExternalAuthDenyTTL} {
+	for name, d := range map[string]time.Duration{"max-idle-timeout": c.MaxIdleTimeout, "keep-alive-period": c.KeepAlivePeriod, "shutdown-timeout": c.ShutdownTimeout, "groups-poll-interval": c.GroupsPoll, "queue-timeout": c.QueueTimeout, "external-auth-timeout": c.ExternalAuthTimeout, "external-auth-allow-ttl": c.ExternalAuthAllowTTL, "external-auth-deny-ttl": c.ExternalAuthDenyTTL} {
 		if d <= 0 {
 			errs = append(errs, fmt.Errorf("--%s: must be positive, got %s", name, d))
 		}
+	}
+	if c.MaxRequestsPerMember < 0 || c.RegistrationRate < 0 || c.RegistrationBurst < 0 {
+		errs = append(errs, errors.New("--max-requests-per-member, --registration-rate and --registration-burst must not be negative"))
 	}
 	if c.MaxHeaderBytes < 1024 {
 		errs = append(errs, fmt.Errorf("--max-header-bytes: must be at least 1024, got %d", c.MaxHeaderBytes))

@@ -22,6 +22,7 @@ func TestParseConfigDefaults(t *testing.T) {
 		TunnelGroups: "groups.yml", MaxIdleTimeout: time.Minute, KeepAlivePeriod: 30 * time.Second,
 		ShutdownTimeout: 15 * time.Second, ExternalAuthTimeout: 3 * time.Second, ExternalAuthCache: 4096,
 		ExternalAuthAllowTTL: time.Minute, ExternalAuthDenyTTL: 10 * time.Second, MaxHeaderBytes: 65536, GroupsPoll: 10 * time.Second,
+		QueueTimeout: time.Second, RegistrationRate: 50, RegistrationBurst: 200,
 	}
 	if *c != want {
 		t.Fatalf("got %+v\nwant %+v", *c, want)

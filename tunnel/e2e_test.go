@@ -5,18 +5,22 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"net/http"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/quic-go/quic-go"
 
 	"github.com/reverst-dev/reverst/auth"
 	"github.com/reverst-dev/reverst/client"
 	"github.com/reverst-dev/reverst/groups"
+	"github.com/reverst-dev/reverst/protocol"
 	"github.com/reverst-dev/reverst/tunnel"
 )
 
@@ -72,7 +76,7 @@ func (e *env) join(t testing.TB, group, name string, authn client.Authenticator)
 // error.
 func (e *env) register(t testing.TB, group string, authn client.Authenticator) error {
 	t.Helper()
-	srv := &client.Server{TunnelGroup: group, TLSConfig: e.clientTLS(), Authenticator: authn, Handler: http.NotFoundHandler()}
+	srv := &client.Server{TunnelGroup: group, TLSConfig: e.clientTLS(), Authenticator: authn, Handler: http.NotFoundHandler(), Logger: slog.New(slog.DiscardHandler)}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	return srv.DialAndServe(ctx, e.addr)
@@ -224,8 +228,7 @@ func TestReloadKeepsMembersAndMovesHosts(t *testing.T) {
 
 func TestMetrics(t *testing.T) {
 	reg := prometheus.NewRegistry()
-	e := startServer(t, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
-	e.srv.Metrics = tunnel.NewMetrics(reg)
+	e := startServerWith(t, func(s *tunnel.Server) { s.Metrics = tunnel.NewMetrics(reg) }, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
 	e.join(t, "svc", "a", nil)
 	for range 3 {
 		e.get(t, "svc.example", "/")
@@ -319,8 +322,8 @@ func TestWildcardHosts(t *testing.T) {
 func TestForwardedHeaders(t *testing.T) {
 	for _, trust := range []bool{false, true} {
 		t.Run(fmt.Sprintf("trust=%v", trust), func(t *testing.T) {
-			e := startServer(t, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}}, tunnel.Group{Name: "front", Hosts: []string{"front.example"}})
-			e.srv.TrustForwardedHeaders = trust
+			e := startServerWith(t, func(s *tunnel.Server) { s.TrustForwardedHeaders = trust },
+				tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}}, tunnel.Group{Name: "front", Hosts: []string{"front.example"}})
 			e.join(t, "svc", "svc", nil)
 			e.join(t, "front", "front", nil)
 			req, _ := http.NewRequest(http.MethodGet, e.frontend+"/", nil)
@@ -345,5 +348,139 @@ func TestForwardedHeaders(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+func TestMemberRequestLimit(t *testing.T) {
+	e := startServerWith(t, func(s *tunnel.Server) {
+		s.MaxRequestsPerMember = 2
+		s.QueueTimeout = 300 * time.Millisecond
+	}, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
+	release := make(chan struct{})
+	ready := make(chan struct{}, 1)
+	srv := &client.Server{
+		TunnelGroup: "svc",
+		TLSConfig:   e.clientTLS(),
+		Logger:      slog.New(slog.DiscardHandler),
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == "/slow" {
+				<-release
+			}
+			fmt.Fprint(w, "done")
+		}),
+		OnConnectionReady: func(client.ConnectionInfo) { ready <- struct{}{} },
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { _ = srv.DialAndServe(ctx, e.addr) }()
+	<-ready
+	e.waitMembers(t, "svc", func(n int) bool { return n == 1 })
+
+	results := make(chan int, 3)
+	for range 3 {
+		go func() {
+			code, _ := e.get(t, "svc.example", "/slow")
+			results <- code
+		}()
+	}
+	// Two are in flight, the third queues; with nothing freeing up, a
+	// fourth request times out in the queue.
+	time.Sleep(100 * time.Millisecond)
+	start := time.Now()
+	code, body := e.get(t, "svc.example", "/fast")
+	if code != http.StatusServiceUnavailable || !strings.Contains(body, "busy") {
+		t.Fatalf("over the limit: got %d %q, want 503 busy", code, body)
+	}
+	if d := time.Since(start); d < 250*time.Millisecond {
+		t.Fatalf("answered after %s, before the queue timeout", d)
+	}
+	close(release)
+	got := map[int]int{}
+	for range 3 {
+		got[<-results]++
+	}
+	// The queued request got a slot when the first two finished, or timed
+	// out while they were held: either way none failed otherwise.
+	if got[http.StatusOK]+got[http.StatusServiceUnavailable] != 3 || got[http.StatusOK] < 2 {
+		t.Fatalf("slow requests: %v", got)
+	}
+}
+
+func TestRegistrationRateLimit(t *testing.T) {
+	e := startServerWith(t, func(s *tunnel.Server) {
+		s.RegistrationRate = 0.5
+		s.RegistrationBurst = 2
+	}, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
+	var limited int
+	for range 4 {
+		conn := e.dialRaw(t)
+		str, err := conn.OpenStreamSync(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = protocol.WriteRequest(str, &protocol.RegisterRequest{Version: 1, TunnelGroup: "svc"})
+		if _, err := protocol.ReadResponse(str); err != nil {
+			var appErr *quic.ApplicationError
+			if errors.As(err, &appErr) && appErr.ErrorCode == protocol.CodeServerError && appErr.ErrorMessage == "too many registrations" {
+				limited++
+				continue
+			}
+			t.Fatalf("unexpected registration error: %v", err)
+		}
+	}
+	if limited != 2 {
+		t.Fatalf("%d of 4 registrations limited, want 2 (burst 2)", limited)
+	}
+}
+
+// Reloads that add, change and remove other groups fail none of the
+// requests flowing through a kept group.
+func TestReloadUnderLoad(t *testing.T) {
+	e := startServer(t, tunnel.Group{Name: "steady", Hosts: []string{"steady.example"}}, tunnel.Group{Name: "x0", Hosts: []string{"x0.example"}})
+	e.join(t, "steady", "s1", nil)
+	e.join(t, "steady", "s2", nil)
+	e.join(t, "x0", "x", nil)
+	stop := make(chan struct{})
+	var sent, failed atomic.Int64
+	var wg sync.WaitGroup
+	for range 8 {
+		wg.Go(func() {
+			for {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				req, _ := http.NewRequest(http.MethodGet, e.frontend+"/", nil)
+				req.Host = "steady.example"
+				resp, err := http.DefaultClient.Do(req)
+				sent.Add(1)
+				if err != nil {
+					failed.Add(1)
+					continue
+				}
+				_, _ = io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusOK {
+					failed.Add(1)
+				}
+			}
+		})
+	}
+	for i := range 50 {
+		defs := []tunnel.Group{{Name: "steady", Hosts: []string{"steady.example", fmt.Sprintf("alias%d.example", i)}}}
+		if i%2 == 0 {
+			defs = append(defs, tunnel.Group{Name: fmt.Sprintf("x%d", i), Hosts: []string{fmt.Sprintf("x%d.example", i)}})
+		}
+		if err := e.srv.SetGroups(defs); err != nil {
+			t.Fatal(err)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	close(stop)
+	wg.Wait()
+	t.Logf("requests sent %d, failed %d", sent.Load(), failed.Load())
+	if failed.Load() != 0 || sent.Load() < 100 {
+		t.Fatalf("sent %d, failed %d", sent.Load(), failed.Load())
 	}
 }

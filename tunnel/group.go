@@ -84,13 +84,15 @@ type group struct {
 	// members is copied on write so that the balancer reads it without locks.
 	members atomic.Pointer[[]*member]
 	next    atomic.Uint32
+	// freed wakes one request waiting for a member below its limit.
+	freed chan struct{}
 }
 
 // authBox lets a nil Authenticator live behind an atomic.Pointer.
 type authBox struct{ Authenticator }
 
 func newGroup(name string) *group {
-	g := &group{name: name}
+	g := &group{name: name, freed: make(chan struct{}, 1)}
 	g.members.Store(&[]*member{})
 	return g
 }
@@ -177,6 +179,15 @@ func (g *group) pick(except *member) *member {
 		}
 	}
 	return best
+}
+
+// release ends a request on m and wakes a waiting one.
+func (g *group) release(m *member) {
+	m.inflight.Add(-1)
+	select {
+	case g.freed <- struct{}{}:
+	default:
+	}
 }
 
 // member is one registered tunnel connection.

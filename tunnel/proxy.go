@@ -20,6 +20,7 @@ const (
 	bodyUnknownHost = "reverst: no tunnel group serves this host\n"
 	bodyNoMember    = "reverst: no tunnel is connected for this host; try again later\n"
 	bodyBadGateway  = "reverst: the tunnel failed to answer\n"
+	bodyBusy        = "reverst: every tunnel for this host is busy; try again later\n"
 )
 
 var errNoMember = errors.New("no member available")
@@ -123,24 +124,23 @@ func (p *proxy) RoundTrip(req *http.Request) (*http.Response, error) {
 	}
 	var tried *member
 	for attempt := 0; ; attempt++ {
-		m := g.pick(tried)
-		if m == nil {
-			if tried != nil {
+		m, err := p.s.acquire(req.Context(), g, tried)
+		if err != nil {
+			if tried != nil && errors.Is(err, errNoMember) {
 				return nil, errMemberGone
 			}
-			return nil, errNoMember
+			return nil, err
 		}
-		m.inflight.Add(1)
 		resp, err := m.cc.RoundTrip(req)
 		if err != nil {
-			m.inflight.Add(-1)
+			g.release(m)
 			if attempt == 0 && m.conn.Context().Err() != nil && replayable(req) && req.Context().Err() == nil {
 				tried = m
 				continue
 			}
 			return nil, err
 		}
-		resp.Body = &countedBody{ReadCloser: resp.Body, m: m}
+		resp.Body = &countedBody{ReadCloser: resp.Body, g: g, m: m}
 		return resp, nil
 	}
 }
@@ -159,6 +159,7 @@ func replayable(req *http.Request) bool {
 // response body is closed.
 type countedBody struct {
 	io.ReadCloser
+	g    *group
 	m    *member
 	done bool
 }
@@ -166,7 +167,7 @@ type countedBody struct {
 func (b *countedBody) Close() error {
 	if !b.done {
 		b.done = true
-		b.m.inflight.Add(-1)
+		b.g.release(b.m)
 	}
 	return b.ReadCloser.Close()
 }
@@ -174,6 +175,11 @@ func (b *countedBody) Close() error {
 func (p *proxy) error(w http.ResponseWriter, r *http.Request, err error) {
 	if errors.Is(err, errNoMember) {
 		textError(w, bodyNoMember, http.StatusServiceUnavailable)
+		return
+	}
+	if errors.Is(err, errBusy) {
+		w.Header().Set("Retry-After", "1")
+		textError(w, bodyBusy, http.StatusServiceUnavailable)
 		return
 	}
 	if errors.Is(err, context.Canceled) && r.Context().Err() != nil {

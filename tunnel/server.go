@@ -49,6 +49,17 @@ type Server struct {
 	// present, and extends (rather than replaces) its X-Forwarded-For and
 	// X-Forwarded-Proto. Turn it on only behind a proxy that sets them.
 	TrustForwardedHeaders bool
+	// MaxRequestsPerMember caps the requests in flight on one member; zero
+	// means no cap. A request finding every member full waits up to
+	// QueueTimeout (DefaultQueueTimeout when zero), then is answered 503.
+	MaxRequestsPerMember int
+	QueueTimeout         time.Duration
+	// RegistrationRate limits registrations per second from one IP
+	// address, with bursts of RegistrationBurst; zero means no limit.
+	// Excess connections are closed with the server-error code, so
+	// clients back off and retry.
+	RegistrationRate  float64
+	RegistrationBurst int
 	// MaxResponseHeaderBytes limits a member's response headers; zero means
 	// the http3 default.
 	MaxResponseHeaderBytes int
@@ -59,6 +70,9 @@ type Server struct {
 	conns    map[*quic.Conn]struct{}
 	closed   bool
 	inflight sync.WaitGroup // registrations being handled
+
+	limiterOnce sync.Once
+	limiter     *registrationLimiter
 
 	proxyOnce sync.Once
 	proxy     *proxy
@@ -145,12 +159,25 @@ func (s *Server) Serve(ln *quic.Listener) error {
 			}
 			return fmt.Errorf("tunnel: accepting connections: %w", err)
 		}
+		if !s.allowRegistration(conn) {
+			s.Metrics.registration("", "rate_limited")
+			_ = conn.CloseWithError(protocol.CodeServerError, "too many registrations")
+			continue
+		}
 		if !s.track(conn) {
 			_ = conn.CloseWithError(protocol.CodeOK, "server shutting down")
 			return ErrServerClosed
 		}
 		go s.handle(conn)
 	}
+}
+
+func (s *Server) allowRegistration(conn *quic.Conn) bool {
+	if s.RegistrationRate <= 0 {
+		return true
+	}
+	s.limiterOnce.Do(func() { s.limiter = newRegistrationLimiter(s.RegistrationRate, s.RegistrationBurst) })
+	return s.limiter.allow(conn.RemoteAddr())
 }
 
 func (s *Server) isClosed() bool {

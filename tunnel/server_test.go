@@ -67,6 +67,12 @@ type env struct {
 
 func startServer(t testing.TB, defs ...tunnel.Group) *env {
 	t.Helper()
+	return startServerWith(t, func(*tunnel.Server) {}, defs...)
+}
+
+// startServerWith lets configure set the server's fields before it starts.
+func startServerWith(t testing.TB, configure func(*tunnel.Server), defs ...tunnel.Group) *env {
+	t.Helper()
 	cert, pool := testCert(t)
 	ln, err := quic.ListenAddr("127.0.0.1:0", &tls.Config{
 		Certificates: []tls.Certificate{cert},
@@ -77,6 +83,7 @@ func startServer(t testing.TB, defs ...tunnel.Group) *env {
 		t.Fatal(err)
 	}
 	srv := &tunnel.Server{RegisterTimeout: 500 * time.Millisecond}
+	configure(srv)
 	if err := srv.SetGroups(defs); err != nil {
 		t.Fatal(err)
 	}

@@ -29,13 +29,12 @@ func isUpgrade(r *http.Request) bool {
 // not, goes back to the visitor byte for byte, and so does everything
 // after it, in both directions, until either side closes.
 func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request, g *group) int {
-	m := g.pick(nil)
-	if m == nil {
+	m, err := s.acquire(r.Context(), g, nil)
+	if err != nil {
 		textError(w, bodyNoMember, http.StatusServiceUnavailable)
 		return http.StatusServiceUnavailable
 	}
-	m.inflight.Add(1)
-	defer m.inflight.Add(-1)
+	defer g.release(m)
 
 	ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
 	str, err := s.openUpgrade(ctx, m, r)

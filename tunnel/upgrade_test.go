@@ -3,6 +3,7 @@ package tunnel_test
 import (
 	"context"
 	"fmt"
+	"log/slog"
 	"net/http"
 	"strings"
 	"testing"
@@ -23,6 +24,7 @@ func TestWebSocketEcho(t *testing.T) {
 	srv := &client.Server{
 		TunnelGroup: "ws",
 		TLSConfig:   e.clientTLS(),
+		Logger:      slog.New(slog.DiscardHandler),
 		Handler: websocket.Handler(func(ws *websocket.Conn) {
 			r := ws.Request()
 			if _, err := fmt.Fprintf(ws, "hello %s xff=%s", r.Host, r.Header.Get("X-Forwarded-For")); err != nil {

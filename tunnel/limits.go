@@ -1,0 +1,94 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/golang-lru/v2/expirable"
+	"golang.org/x/time/rate"
+)
+
+// DefaultQueueTimeout is how long a request waits for a member below
+// MaxRequestsPerMember before it is answered 503.
+const DefaultQueueTimeout = time.Second
+
+var errBusy = errors.New("every member is at its request limit")
+
+// acquire picks a member of g for one request and counts the request in
+// its load; the caller releases it with g.release. When every member is at
+// MaxRequestsPerMember the request waits up to QueueTimeout for one to
+// free up.
+func (s *Server) acquire(ctx context.Context, g *group, except *member) (*member, error) {
+	var timer *time.Timer
+	for {
+		m := g.pick(except)
+		if m == nil {
+			return nil, errNoMember
+		}
+		if n := m.inflight.Add(1); s.MaxRequestsPerMember <= 0 || n <= int64(s.MaxRequestsPerMember) {
+			if timer != nil {
+				timer.Stop()
+			}
+			return m, nil
+		}
+		// The least loaded member is full, so all are.
+		m.inflight.Add(-1)
+		if timer == nil {
+			d := s.QueueTimeout
+			if d <= 0 {
+				d = DefaultQueueTimeout
+			}
+			timer = time.NewTimer(d)
+			defer timer.Stop()
+		}
+		select {
+		case <-g.freed:
+		case <-timer.C:
+			return nil, errBusy
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		}
+	}
+}
+
+// registrationLimiter throttles registrations per remote IP address, so
+// that one misbehaving client cannot keep the server busy with TLS
+// handshakes and authentication calls. Addresses are forgotten after a
+// while of silence; the table is bounded.
+type registrationLimiter struct {
+	mu       sync.Mutex
+	limiters *expirable.LRU[netip.Addr, *rate.Limiter]
+	every    rate.Limit
+	burst    int
+}
+
+func newRegistrationLimiter(perSecond float64, burst int) *registrationLimiter {
+	if burst < 1 {
+		burst = max(1, int(perSecond))
+	}
+	return &registrationLimiter{
+		limiters: expirable.NewLRU[netip.Addr, *rate.Limiter](65536, nil, 10*time.Minute),
+		every:    rate.Limit(perSecond),
+		burst:    burst,
+	}
+}
+
+func (l *registrationLimiter) allow(addr net.Addr) bool {
+	ap, err := netip.ParseAddrPort(addr.String())
+	if err != nil {
+		return true
+	}
+	ip := ap.Addr().Unmap()
+	l.mu.Lock()
+	lim, ok := l.limiters.Get(ip)
+	if !ok {
+		lim = rate.NewLimiter(l.every, l.burst)
+		l.limiters.Add(ip, lim)
+	}
+	l.mu.Unlock()
+	return lim.Allow()
+}
