@@ -231,9 +231,17 @@ func (rs *replicaSet) update(ctx context.Context, addrs []netip.Addr) {
 			rs.ended <- loopEnd{r: r, err: rs.s.dialLoop(loopCtx, rs, r)}
 		}()
 	}
-	if len(added)+len(removed) > 0 {
-		slices.Sort(added)
-		slices.Sort(removed)
-		rs.log.Info("tunnel server addresses changed", "added", added, "removed", removed, "total", len(rs.current))
+	if len(added)+len(removed) == 0 {
+		return
 	}
+	attrs := []any{"total", len(rs.current)}
+	if len(added) > 0 {
+		slices.Sort(added)
+		attrs = append(attrs, "added", added)
+	}
+	if len(removed) > 0 {
+		slices.Sort(removed)
+		attrs = append(attrs, "removed", removed)
+	}
+	rs.log.Info("tunnel server addresses changed", attrs...)
 }

@@ -99,15 +99,16 @@ func run(ctx context.Context, args []string, environ map[string]string, stderr i
 	return 0
 }
 
-// explain turns DialAndServe's error into a message for the operator.
+// explain turns DialAndServe's error into a message for the operator; the
+// client's log line just before it has the details.
 func explain(err error, cfg *config) string {
 	switch {
 	case errors.Is(err, client.ErrUnauthorized):
-		return fmt.Sprintf("the tunnel server refused the registration: unauthorized: check the credentials for group %q (--username/--password or --token) (%v)", cfg.Group, err)
+		return fmt.Sprintf("the tunnel server refused the registration: unauthorized: check the credentials for group %q (--username/--password or --token)", cfg.Group)
 	case errors.Is(err, client.ErrNotFound):
-		return fmt.Sprintf("the tunnel server refused the registration: not found: it has no tunnel group %q (--group) (%v)", cfg.Group, err)
+		return fmt.Sprintf("the tunnel server refused the registration: not found: it has no tunnel group %q (--group)", cfg.Group)
 	case errors.Is(err, client.ErrBadRequest):
-		return fmt.Sprintf("the tunnel server refused the registration: bad request (%v)", err)
+		return fmt.Sprintf("the tunnel server refused the registration: bad request: %v", err)
 	}
 	return err.Error()
 }
