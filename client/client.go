@@ -10,6 +10,11 @@
 // retrying cannot fix ([ErrUnauthorized], [ErrBadRequest], and by default
 // [ErrNotFound]) ends it early.
 //
+// When the tunnel server runs as several replicas behind one name (such as
+// a Kubernetes headless Service), DialAndServe registers on every address
+// the name resolves to and follows the replicas as they come and go, so
+// that any replica can serve any request.
+//
 //	srv := &client.Server{
 //		TunnelGroup:   "flipt.dev.local",
 //		Handler:       mux,
