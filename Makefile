@@ -11,14 +11,16 @@ build:
 	go build -o bin/reverst ./cmd/reverst
 	go build -o bin/example-simple ./examples/simple
 
+# The server and the example service run together; when either stops (or
+# on Ctrl-C) both stop.
 run: build
-	@trap 'kill 0' INT TERM EXIT; \
+	@trap 'trap - TERM; kill -TERM 0 2>/dev/null' INT TERM EXIT; \
 	bin/reverst -l debug -n flipt.dev.local -g examples/simple/group.yml \
 		-k examples/simple/server.key -c examples/simple/server.crt \
 		--management-address 127.0.0.1:8080 & \
 	sleep 1; \
 	bin/example-simple --username user --password pass & \
-	wait
+	wait -n
 
 test:
 	./.ci/test
