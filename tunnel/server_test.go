@@ -2,16 +2,10 @@ package tunnel_test
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
 	"crypto/x509"
-	"crypto/x509/pkix"
 	"errors"
 	"io"
-	"math/big"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -20,42 +14,10 @@ import (
 
 	"github.com/quic-go/quic-go"
 
+	"github.com/reverst-dev/reverst/internal/testpki"
 	"github.com/reverst-dev/reverst/protocol"
 	"github.com/reverst-dev/reverst/tunnel"
 )
-
-// testCert makes a self-signed certificate for localhost and a pool that
-// trusts it.
-func testCert(t testing.TB) (tls.Certificate, *x509.CertPool) {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "localhost"},
-		DNSNames:              []string{"localhost"},
-		IPAddresses:           []net.IP{net.ParseIP("127.0.0.1")},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(time.Hour),
-		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	leaf, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AddCert(leaf)
-	return tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf}, pool
-}
 
 // env is a running tunnel server on loopback.
 type env struct {
@@ -73,9 +35,9 @@ func startServer(t testing.TB, defs ...tunnel.Group) *env {
 // startServerWith lets configure set the server's fields before it starts.
 func startServerWith(t testing.TB, configure func(*tunnel.Server), defs ...tunnel.Group) *env {
 	t.Helper()
-	cert, pool := testCert(t)
+	pki := testpki.New(t)
 	ln, err := quic.ListenAddr("127.0.0.1:0", &tls.Config{
-		Certificates: []tls.Certificate{cert},
+		Certificates: []tls.Certificate{pki.Cert},
 		NextProtos:   []string{protocol.ALPN},
 		MinVersion:   tls.VersionTLS13,
 	}, &quic.Config{MaxIdleTimeout: 5 * time.Second, KeepAlivePeriod: time.Second})
@@ -102,7 +64,7 @@ func startServerWith(t testing.TB, configure func(*tunnel.Server), defs ...tunne
 			t.Errorf("Serve returned %v, want ErrServerClosed", err)
 		}
 	})
-	return &env{srv: srv, addr: ln.Addr().String(), frontend: front.URL, roots: pool}
+	return &env{srv: srv, addr: ln.Addr().String(), frontend: front.URL, roots: pki.Pool}
 }
 
 func (e *env) clientTLS() *tls.Config {
