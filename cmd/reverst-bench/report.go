@@ -88,6 +88,25 @@ func (r *report) addedP50() stat {
 	return summarize(r.series(func(rd round) float64 { return ms(rd.lat[tunnel].p50) - ms(rd.lat[direct].p50) }))
 }
 
+// cpuRatio is, per round, the CPU all processes spent per request (or
+// per MiB) directly divided by the same through the tunnel.
+func (r *report) cpuRatio(big bool) stat {
+	return summarize(r.series(func(rd round) float64 {
+		runs := rd.small
+		if big {
+			runs = rd.big
+		}
+		cost := func(x run) float64 {
+			total := float64(x.cpu.server + x.cpu.member + x.cpu.loadgen)
+			if big {
+				return total / float64(x.load.bytes)
+			}
+			return total / float64(x.load.reqs)
+		}
+		return cost(runs[direct]) / cost(runs[tunnel])
+	}))
+}
+
 // perReq is CPU microseconds per request of one process in a run.
 func perReq(cpu time.Duration, reqs int64) float64 {
 	if reqs == 0 {
@@ -146,9 +165,16 @@ func (r *report) write(out io.Writer) {
 	cpuRow("CPU µs/req small: server", func(s cpuSample) time.Duration { return s.server }, false)
 	cpuRow("CPU µs/req small: member", func(s cpuSample) time.Duration { return s.member }, false)
 	cpuRow("CPU µs/req small: load gen", func(s cpuSample) time.Duration { return s.loadgen }, false)
+	cpuRow("CPU µs/req small: all three", func(s cpuSample) time.Duration { return s.server + s.member + s.loadgen }, false)
 	cpuRow("CPU ms/MiB large: server", func(s cpuSample) time.Duration { return s.server }, true)
 	cpuRow("CPU ms/MiB large: member", func(s cpuSample) time.Duration { return s.member }, true)
 	cpuRow("CPU ms/MiB large: load gen", func(s cpuSample) time.Duration { return s.loadgen }, true)
+	cpuRow("CPU ms/MiB large: all three", func(s cpuSample) time.Duration { return s.server + s.member + s.loadgen }, true)
+	// On a saturated machine the throughput ratio tends to the inverse
+	// ratio of the CPU each request costs: a figure much less sensitive
+	// to other load on the machine than the rates themselves.
+	fmt.Fprintf(tw, "CPU-bound ratio small (direct CPU/req / tunnel CPU/req)\t\t\t%s\n", r.cpuRatio(false).format(3))
+	fmt.Fprintf(tw, "CPU-bound ratio large (same, per MiB)\t\t\t%s\n", r.cpuRatio(true).format(3))
 	var failed [2]int64
 	for _, rd := range r.rounds {
 		for i := range failed {
