@@ -237,9 +237,13 @@ func TestBinaryEndToEnd(t *testing.T) {
 	t.Run("serves and drains", func(t *testing.T) {
 		started, release := make(chan struct{}), make(chan struct{})
 		backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			if r.URL.Path == "/slow" {
+			switch r.URL.Path {
+			case "/slow":
 				close(started)
 				<-release
+			case "/ws":
+				serveEcho(t, w, r)
+				return
 			}
 			fmt.Fprintf(w, "backend host=%s path=%s", r.Host, r.URL.Path)
 		}))
@@ -254,6 +258,9 @@ func TestBinaryEndToEnd(t *testing.T) {
 			t.Fatalf("GET /hello = %d %q %v", code, body, err)
 		}
 		cli.waitFor("msg=request")
+		// A WebSocket-like upgrade, through the server's frontend, the
+		// tunnel and the command's proxy.
+		echoUpgrade(t, frontend, e2eHost)
 
 		type result struct {
 			code int

@@ -68,6 +68,11 @@ func logRequests(next http.Handler, log *slog.Logger) http.Handler {
 		next.ServeHTTP(sw, r)
 		if sw.status == 0 {
 			sw.status = http.StatusOK
+			if r.Header.Get("Upgrade") != "" {
+				// ReverseProxy hijacked the connection and wrote the 101
+				// itself.
+				sw.status = http.StatusSwitchingProtocols
+			}
 		}
 		log.Debug("request", "method", r.Method, "host", r.Host, "path", r.URL.Path, "status", sw.status, "bytes", sw.bytes, "duration", time.Since(start).Round(time.Microsecond))
 	})

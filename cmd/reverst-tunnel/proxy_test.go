@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"net/url"
@@ -114,4 +115,68 @@ func TestProxyStreamsThroughRequestLog(t *testing.T) {
 	case <-time.After(5 * time.Second):
 		t.Fatal("the flushed chunk did not arrive before the response ended")
 	}
+}
+
+// upgradeEcho is a backend that switches to an echo protocol on Upgrade,
+// like a WebSocket server (without the framing).
+func upgradeEcho(t *testing.T) *httptest.Server {
+	t.Helper()
+	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { serveEcho(t, w, r) }))
+	t.Cleanup(backend.Close)
+	return backend
+}
+
+func serveEcho(t *testing.T, w http.ResponseWriter, r *http.Request) {
+	if r.Header.Get("Upgrade") != "echo" {
+		http.Error(w, "upgrade required", http.StatusUpgradeRequired)
+		return
+	}
+	conn, brw, err := http.NewResponseController(w).Hijack()
+	if err != nil {
+		t.Errorf("hijack: %v", err)
+		return
+	}
+	defer conn.Close()
+	_, _ = brw.WriteString("HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo\r\nConnection: Upgrade\r\n\r\n")
+	_ = brw.Flush()
+	_, _ = io.Copy(conn, brw)
+}
+
+// echoUpgrade upgrades a connection to addr (with Host host) and checks
+// that bytes come back.
+func echoUpgrade(t *testing.T, addr, host string) {
+	t.Helper()
+	conn, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+	fmt.Fprintf(conn, "GET /ws HTTP/1.1\r\nHost: %s\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n", host)
+	br := bufio.NewReader(conn)
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusSwitchingProtocols {
+		body, _ := io.ReadAll(resp.Body)
+		t.Fatalf("upgrade answered %d %q", resp.StatusCode, body)
+	}
+	for _, msg := range []string{"ping\n", "pong pong\n"} {
+		if _, err := io.WriteString(conn, msg); err != nil {
+			t.Fatal(err)
+		}
+		got, err := br.ReadString('\n')
+		if err != nil || got != msg {
+			t.Fatalf("echo = %q, %v; want %q", got, err, msg)
+		}
+	}
+}
+
+func TestProxyUpgrade(t *testing.T) {
+	target, _ := url.Parse(upgradeEcho(t).URL)
+	log := slog.New(slog.NewTextHandler(io.Discard, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	front := httptest.NewServer(logRequests(newProxy(target, hostPreserve, log), log))
+	defer front.Close()
+	echoUpgrade(t, front.Listener.Addr().String(), "app.example")
 }

@@ -27,8 +27,6 @@ import (
 	"testing"
 	"time"
 
-	"github.com/quic-go/quic-go"
-
 	"github.com/reverst-dev/reverst/client"
 )
 
@@ -293,16 +291,7 @@ func startClient(t *testing.T, name, addr string, pool *x509.CertPool, ready cha
 		ResolveInterval: 200 * time.Millisecond,
 		MinBackoff:      50 * time.Millisecond,
 		MaxBackoff:      500 * time.Millisecond,
-		// A killed replica sends no close, and its successor's stateless
-		// reset needs a bigger packet than a keep-alive: the client learns
-		// of the death through the idle timeout, shortened here from the
-		// default 6s to keep the test quick.
-		QUICConfig: &quic.Config{
-			HandshakeIdleTimeout: time.Second,
-			KeepAlivePeriod:      500 * time.Millisecond,
-			MaxIdleTimeout:       2 * time.Second,
-		},
-		Logger: slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo})).With("client", name),
+		Logger:          slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelInfo})).With("client", name),
 		OnConnectionReady: func(ci client.ConnectionInfo) {
 			ip := ci.RemoteAddr.(*net.UDPAddr).IP.String()
 			ready <- registration{name, ip}
