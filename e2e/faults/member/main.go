@@ -1,0 +1,221 @@
+// Command member is the tunnel member process of the fault-injection
+// suite (package faults): a client.Server with the library's defaults that
+// the tests can SIGKILL or SIGTERM. On SIGTERM it calls Shutdown, which
+// drains, and exits 0 once every request in flight has finished.
+//
+// It prints one line on stdout per event, for the test to follow:
+//
+//	direct ADDR                     with -direct, the handler's own HTTP address
+//	registered LOCAL_ADDR           after each successful registration
+//	drained served=N after_drain=M  after Shutdown returned
+//
+// Its handler serves:
+//
+//	/id?ms=N          its -name, after N milliseconds
+//	/panic            panics
+//	/stream?n=N&interval=D  N lines "SEQ UNIX_NANO", each flushed, D apart
+//	/upload           reads the body and answers "BYTES CRC32"
+//	/ws               WebSocket: echoes every message until "close"
+//	/wsactive         how many /ws handlers are running
+package main
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"flag"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/net/websocket"
+
+	"github.com/reverst-dev/reverst/client"
+)
+
+func main() {
+	if err := run(); err != nil {
+		slog.Error("member failed", "error", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	tunnelAddr := flag.String("tunnel", "", "tunnel server QUIC address")
+	caPath := flag.String("ca", "", "PEM certificate of the tunnel server")
+	serverName := flag.String("server-name", "", "TLS name of the tunnel server")
+	group := flag.String("group", "", "tunnel group")
+	user := flag.String("user", "", "basic auth user")
+	pass := flag.String("pass", "", "basic auth password")
+	name := flag.String("name", "member", "answered by /id")
+	shutdownTimeout := flag.Duration("shutdown-timeout", 10*time.Second, "time allowed to drain on SIGTERM")
+	direct := flag.Bool("direct", false, "also serve the handler on a loopback TCP port, as a control for the tests")
+	flag.Parse()
+
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})).With("member", *name)
+	pem, err := os.ReadFile(*caPath)
+	if err != nil {
+		return err
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM(pem) {
+		return fmt.Errorf("no certificate in %s", *caPath)
+	}
+
+	h := &handler{name: *name, log: log}
+	var stdout sync.Mutex
+	say := func(format string, args ...any) {
+		stdout.Lock()
+		defer stdout.Unlock()
+		fmt.Fprintf(os.Stdout, format+"\n", args...)
+	}
+	if *direct {
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			return err
+		}
+		hs := &http.Server{Handler: h.mux(), ReadHeaderTimeout: 10 * time.Second}
+		go func() { _ = hs.Serve(ln) }()
+		defer hs.Close()
+		say("direct %s", ln.Addr())
+	}
+	srv := &client.Server{
+		TunnelGroup:   *group,
+		Handler:       h.mux(),
+		TLSConfig:     &tls.Config{RootCAs: roots, ServerName: *serverName},
+		Authenticator: client.BasicAuthenticator(*user, *pass),
+		Logger:        log,
+		OnConnectionReady: func(ci client.ConnectionInfo) {
+			say("registered %s", ci.LocalAddr)
+		},
+	}
+
+	// SIGKILL needs no handling; SIGTERM drains.
+	term := make(chan os.Signal, 1)
+	signal.Notify(term, syscall.SIGTERM, os.Interrupt)
+	served := make(chan error, 1)
+	go func() { served <- srv.DialAndServe(context.Background(), *tunnelAddr) }()
+
+	select {
+	case err := <-served:
+		return fmt.Errorf("DialAndServe: %w", err)
+	case <-term:
+	}
+	h.draining.Store(true)
+	log.Info("SIGTERM: draining")
+	ctx, cancel := context.WithTimeout(context.Background(), *shutdownTimeout)
+	defer cancel()
+	if err := srv.Shutdown(ctx); err != nil {
+		return fmt.Errorf("Shutdown: %w", err)
+	}
+	if err := <-served; !errors.Is(err, client.ErrServerClosed) {
+		return fmt.Errorf("DialAndServe after Shutdown: %w", err)
+	}
+	say("drained served=%d after_drain=%d", h.served.Load(), h.afterDrain.Load())
+	return nil
+}
+
+type handler struct {
+	name       string
+	log        *slog.Logger
+	draining   atomic.Bool
+	served     atomic.Int64 // requests finished
+	afterDrain atomic.Int64 // requests that arrived after SIGTERM
+	wsActive   atomic.Int64
+}
+
+func (h *handler) mux() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /id", h.id)
+	mux.HandleFunc("GET /panic", func(http.ResponseWriter, *http.Request) { panic("deliberate panic for the fault suite") })
+	mux.HandleFunc("GET /stream", h.stream)
+	mux.HandleFunc("POST /upload", h.upload)
+	mux.Handle("GET /ws", websocket.Handler(h.echo))
+	mux.HandleFunc("GET /wsactive", func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprint(w, h.wsActive.Load())
+	})
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if h.draining.Load() {
+			h.afterDrain.Add(1)
+		}
+		defer h.served.Add(1)
+		mux.ServeHTTP(w, r)
+	})
+}
+
+func (h *handler) id(w http.ResponseWriter, r *http.Request) {
+	if ms, _ := strconv.Atoi(r.URL.Query().Get("ms")); ms > 0 {
+		select {
+		case <-time.After(time.Duration(ms) * time.Millisecond):
+		case <-r.Context().Done():
+			return
+		}
+	}
+	_, _ = io.WriteString(w, h.name)
+}
+
+// stream writes lines stamped with the wall clock right before each flush,
+// so that the visitor on the same machine can measure each line's delay.
+func (h *handler) stream(w http.ResponseWriter, r *http.Request) {
+	n, _ := strconv.Atoi(r.URL.Query().Get("n"))
+	interval, _ := time.ParseDuration(r.URL.Query().Get("interval"))
+	rc := http.NewResponseController(w)
+	w.Header().Set("Content-Type", "text/plain")
+	tick := time.NewTicker(max(interval, time.Millisecond))
+	defer tick.Stop()
+	for i := range n {
+		if i > 0 {
+			select {
+			case <-tick.C:
+			case <-r.Context().Done():
+				return
+			}
+		}
+		if _, err := fmt.Fprintf(w, "%d %d\n", i, time.Now().UnixNano()); err != nil {
+			return
+		}
+		if err := rc.Flush(); err != nil {
+			return
+		}
+	}
+}
+
+func (h *handler) upload(w http.ResponseWriter, r *http.Request) {
+	sum := crc32.NewIEEE()
+	n, err := io.CopyBuffer(sum, r.Body, make([]byte, 256<<10))
+	if err != nil {
+		h.log.Warn("upload interrupted", "bytes", n, "error", err)
+		http.Error(w, err.Error(), http.StatusBadRequest)
+		return
+	}
+	fmt.Fprintf(w, "%d %08x", n, sum.Sum32())
+}
+
+func (h *handler) echo(ws *websocket.Conn) {
+	h.wsActive.Add(1)
+	defer h.wsActive.Add(-1)
+	for {
+		var msg []byte
+		if err := websocket.Message.Receive(ws, &msg); err != nil {
+			return
+		}
+		if string(msg) == "close" {
+			_ = ws.Close()
+			return
+		}
+		if err := websocket.Message.Send(ws, msg); err != nil {
+			return
+		}
+	}
+}
