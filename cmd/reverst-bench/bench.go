@@ -207,7 +207,11 @@ func measureLoad(ctx context.Context, cfg *config, log *slog.Logger, f *files, b
 // measureIdle registers cfg.idle tunnels with a fresh server and measures
 // what they cost it at rest.
 func measureIdle(ctx context.Context, cfg *config, log *slog.Logger, f *files, bin, self string, rep *report) error {
-	srv, err := startServer(ctx, "idle-server", bin, f, cfg.serverEnv, "")
+	profile := ""
+	if cfg.profileDir != "" {
+		profile = filepath.Join(cfg.profileDir, "idle-server.pprof")
+	}
+	srv, err := startServer(ctx, "idle-server", bin, f, cfg.serverEnv, profile)
 	if err != nil {
 		return err
 	}
@@ -218,6 +222,9 @@ func measureIdle(ctx context.Context, cfg *config, log *slog.Logger, f *files, b
 	}
 	time.Sleep(settle / 2)
 	if rep.idle.base, err = readMemory(srv.pid()); err != nil {
+		return err
+	}
+	if rep.idle.baseRuntime, err = srv.metrics(runtimeSeries...); err != nil {
 		return err
 	}
 
@@ -253,10 +260,16 @@ func measureIdle(ctx context.Context, cfg *config, log *slog.Logger, f *files, b
 	if rep.idle.loaded, err = readMemory(srv.pid()); err != nil {
 		return err
 	}
+	if rep.idle.loadedRuntime, err = srv.metrics(runtimeSeries...); err != nil {
+		return err
+	}
 	if rep.idle.members, err = readMemory(p.pid()); err != nil {
 		return err
 	}
 	rep.idle.n = cfg.idle
+	if profile != "" {
+		return srv.saveHeapProfile(filepath.Join(cfg.profileDir, "idle-server.heap.pprof"))
+	}
 	return nil
 }
 

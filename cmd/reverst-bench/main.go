@@ -73,7 +73,7 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 	case "member":
 		err = memberMain(ctx, args, stdout, log)
 	case "server":
-		err = serverMain(ctx, args, stderr)
+		err = serverMain(ctx, args, stdout, stderr)
 	default:
 		err = fmt.Errorf("unknown %s %q", roleEnv, role)
 	}
@@ -123,7 +123,7 @@ func parseConfig(args []string, out io.Writer) (*config, error) {
 	fs.DurationVar(&c.warmup, "warmup", 500*time.Millisecond, "unmeasured warm-up before each run")
 	fs.IntVar(&c.members, "members", 2, "tunnel members (client.Server registrations) serving the load")
 	fs.IntVar(&c.idle, "idle", 1000, "idle tunnels registered for the memory measurement (0 skips it)")
-	fs.StringVar(&c.profileDir, "profile", "", "write server.pprof and member.pprof CPU profiles into this directory")
+	fs.StringVar(&c.profileDir, "profile", "", "write CPU and allocation profiles of the server and the members (server.pprof, member.pprof, *.allocs.pprof) into this directory")
 	fs.StringVar(&c.reverstBin, "reverst", "", "use this reverst binary instead of building ./cmd/reverst")
 	fs.Var(&c.serverEnv, "server-env", "extra KEY=VALUE environment for the tunnel server, e.g. GOGC=200 (repeatable)")
 	if err := fs.Parse(args); err != nil {

@@ -27,8 +27,10 @@ type report struct {
 		n            int
 		base, loaded memory // server with 0 and n tunnels
 		members      memory // the process holding the n registrations
-		cpuShare     float64
-		registerTime time.Duration
+		// go_* samples of the server's metrics with 0 and n tunnels
+		baseRuntime, loadedRuntime map[string]float64
+		cpuShare                   float64
+		registerTime               time.Duration
 	}
 	notes []string
 }
@@ -193,6 +195,9 @@ func (r *report) write(out io.Writer) {
 		per := float64(r.idle.loaded.rss-r.idle.base.rss) / float64(n) / 1024
 		fmt.Fprintf(tw, "fresh tunnel server RSS, no tunnel\t%s\t\n", mib(r.idle.base.rss))
 		fmt.Fprintf(tw, "same server RSS with %d idle tunnels\t%s\t(+%.1f KiB per tunnel; peak %s)\n", n, mib(r.idle.loaded.rss), per, mib(r.idle.loaded.hwm))
+		delta := func(name string) float64 { return (r.idle.loadedRuntime[name] - r.idle.baseRuntime[name]) / float64(n) }
+		fmt.Fprintf(tw, "  of which, per tunnel\t%.1f goroutines, %.1f KiB heap in use, %.1f KiB stacks\t\n",
+			delta("go_goroutines"), delta("go_memstats_heap_inuse_bytes")/1024, delta("go_memstats_stack_inuse_bytes")/1024)
 		fmt.Fprintf(tw, "its CPU with %d idle tunnels\t%.1f%% of a core\t\n", n, 100*r.idle.cpuShare)
 		fmt.Fprintf(tw, "client process RSS holding %d tunnels\t%s\t(%.1f KiB per tunnel)\n", n, mib(r.idle.members.rss), float64(r.idle.members.rss)/float64(n)/1024)
 		fmt.Fprintf(tw, "time to register %d tunnels\t%s\t\n", n, r.idle.registerTime.Round(time.Millisecond))

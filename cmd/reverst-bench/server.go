@@ -9,15 +9,18 @@ import (
 	"crypto/x509"
 	"crypto/x509/pkix"
 	"encoding/pem"
+	"errors"
 	"fmt"
 	"io"
 	"math/big"
 	"net"
 	"net/http"
+	httppprof "net/http/pprof"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime/pprof"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -131,6 +134,7 @@ type tunnelServer struct {
 	tunnelAddr string // QUIC
 	httpAddr   string // frontend
 	mgmtAddr   string
+	pprofAddr  string // net/http/pprof, in the server role only
 }
 
 // startServer starts reverst: bin, or this binary in the server role when
@@ -168,6 +172,12 @@ func startServer(ctx context.Context, name, bin string, f *files, env []string, 
 	if s.proc, err = startProc(name, filepath.Join(f.dir, name+".log"), env, bin, args...); err != nil {
 		return nil, err
 	}
+	if profile != "" {
+		if s.pprofAddr, err = s.expect(ctx, "pprof ", 30*time.Second); err != nil {
+			s.stop()
+			return nil, err
+		}
+	}
 	if err := s.waitReady(ctx, 30*time.Second); err != nil {
 		s.stop()
 		return nil, err
@@ -200,24 +210,41 @@ func (s *tunnelServer) waitReady(ctx context.Context, timeout time.Duration) err
 	}
 }
 
-// members reads the server's member count of group from its metrics.
-func (s *tunnelServer) members(group string) (int, error) {
+// metrics reads the samples named by series (a metric name with its
+// labels, as exposed) from the server's management API; missing ones are
+// left out.
+func (s *tunnelServer) metrics(series ...string) (map[string]float64, error) {
 	resp, err := http.Get("http://" + s.mgmtAddr + "/metrics")
 	if err != nil {
-		return 0, err
+		return nil, err
 	}
 	defer resp.Body.Close()
-	want := fmt.Sprintf(`reverst_group_members{group=%q} `, group)
+	out := make(map[string]float64, len(series))
 	sc := bufio.NewScanner(resp.Body)
 	sc.Buffer(nil, 1<<20)
 	for sc.Scan() {
-		if v, ok := strings.CutPrefix(sc.Text(), want); ok {
-			n, err := strconv.ParseFloat(strings.TrimSpace(v), 64)
-			return int(n), err
+		name, value, ok := strings.Cut(sc.Text(), " ")
+		if !ok || !slices.Contains(series, name) {
+			continue
 		}
+		v, err := strconv.ParseFloat(strings.TrimSpace(value), 64)
+		if err != nil {
+			return nil, fmt.Errorf("metric %s: %w", name, err)
+		}
+		out[name] = v
 	}
-	return 0, sc.Err()
+	return out, sc.Err()
 }
+
+// members reads the server's member count of group from its metrics.
+func (s *tunnelServer) members(group string) (int, error) {
+	name := fmt.Sprintf(`reverst_group_members{group=%q}`, group)
+	m, err := s.metrics(name)
+	return int(m[name]), err
+}
+
+// Go runtime metrics that explain what an idle tunnel costs.
+var runtimeSeries = []string{"go_goroutines", "go_memstats_heap_inuse_bytes", "go_memstats_stack_inuse_bytes"}
 
 // waitMembers polls until group has n members.
 func (s *tunnelServer) waitMembers(ctx context.Context, group string, n int, timeout time.Duration) error {
@@ -240,11 +267,23 @@ func (s *tunnelServer) waitMembers(ctx context.Context, group string, n int, tim
 
 // serverMain is the server role: the same app.Main as cmd/reverst, with a
 // CPU profile around it.
-func serverMain(ctx context.Context, args []string, stderr io.Writer) error {
+func serverMain(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	stopProfile, err := startProfile()
 	if err != nil {
 		return err
 	}
+	// net/http/pprof's handlers, on their own loopback port, for heap
+	// profiles taken at a chosen moment (the idle tunnels).
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("/debug/pprof/", httppprof.Index)
+	pprofSrv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
+	go func() { _ = pprofSrv.Serve(ln) }()
+	defer pprofSrv.Close()
+	fmt.Fprintf(stdout, "pprof %s\n", ln.Addr())
 	code := app.Main(ctx, args, stderr)
 	if err := stopProfile(); err != nil {
 		return err
@@ -256,7 +295,7 @@ func serverMain(ctx context.Context, args []string, stderr io.Writer) error {
 }
 
 // startProfile starts the CPU profile named by cpuProfileEnv, if any, and
-// returns the function that writes it.
+// returns the function that writes it, and an allocation profile beside it.
 func startProfile() (func() error, error) {
 	path := os.Getenv(cpuProfileEnv)
 	if path == "" {
@@ -272,6 +311,44 @@ func startProfile() (func() error, error) {
 	}
 	return func() error {
 		pprof.StopCPUProfile()
-		return f.Close()
+		if err := f.Close(); err != nil {
+			return err
+		}
+		// The allocations since the start, beside the CPU profile: most
+		// of a small request's cost is garbage.
+		a, err := os.Create(strings.TrimSuffix(path, ".pprof") + ".allocs.pprof")
+		if err != nil {
+			return err
+		}
+		if err := pprof.Lookup("allocs").WriteTo(a, 0); err != nil {
+			a.Close()
+			return err
+		}
+		return a.Close()
 	}, nil
+}
+
+// saveHeapProfile writes the server's heap profile, after a GC, to path.
+// It needs the server role (a profiled server).
+func (s *tunnelServer) saveHeapProfile(path string) error {
+	if s.pprofAddr == "" {
+		return errors.New("heap profile: the server is not profiled")
+	}
+	resp, err := http.Get("http://" + s.pprofAddr + "/debug/pprof/heap?gc=1")
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("heap profile: %s", resp.Status)
+	}
+	f, err := os.Create(path)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(f, resp.Body); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
 }
