@@ -6,6 +6,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"runtime"
 	"slices"
 	"strconv"
 	"sync"
@@ -56,6 +57,9 @@ func (r *testResolver) LookupNetIP(_ context.Context, network, host string) ([]n
 // interface), and returns them with the address clients dial.
 func replicas(t *testing.T) ([]*tunnelServer, string) {
 	t.Helper()
+	if runtime.GOOS != "linux" {
+		t.Skip("needs 127.0.0.2 and 127.0.0.3 on the loopback interface, as Linux has")
+	}
 	pki := newPKI(t)
 	first := newTunnelServerAt(t, pki, "127.0.0.1:0")
 	_, port, err := net.SplitHostPort(first.addr)

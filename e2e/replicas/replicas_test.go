@@ -20,6 +20,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"strings"
 	"sync"
@@ -210,6 +211,9 @@ func (r *replica) logs() string {
 // the tunnel address clients dial and a pool trusting the servers.
 func startReplicas(t *testing.T) ([]*replica, string, *x509.CertPool) {
 	t.Helper()
+	if runtime.GOOS != "linux" {
+		t.Skip("needs 127.0.0.2 and 127.0.0.3 on the loopback interface, as Linux has")
+	}
 	bin := buildServer(t)
 	dir := t.TempDir()
 	certPath, keyPath, pool := writePKI(t, dir)
