@@ -161,6 +161,10 @@ func startServer(ctx context.Context, name, bin string, f *files, env []string, 
 		"--http-address", s.httpAddr,
 		"--management-address", s.mgmtAddr,
 	}
+	// Every tunnel comes from 127.0.0.1: without this the per-IP
+	// registration limit would make the idle measurement one of the
+	// limiter. An environment variable, which older servers ignore.
+	env = append([]string{"REVERST_REGISTRATION_RATE=0"}, env...)
 	if profile != "" {
 		self, err := os.Executable()
 		if err != nil {
