@@ -9,6 +9,7 @@ SHELL := /bin/bash
 
 build:
 	go build -o bin/reverst ./cmd/reverst
+	go build -o bin/reverst-tunnel ./cmd/reverst-tunnel
 	go build -o bin/example-simple ./examples/simple
 
 # The server and the example service run together; when either stops (or
