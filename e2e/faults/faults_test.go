@@ -2,12 +2,14 @@ package faults
 
 import (
 	"bufio"
+	"context"
 	"fmt"
 	"hash/crc32"
 	"io"
 	"net"
 	"net/http"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -129,7 +131,7 @@ func TestMemberTerminatedUnderLoad(t *testing.T) {
 		t.Errorf("terminated member exited with %v, want status 0", err)
 	}
 	drained := victim.awaitLine(t, "drained ", time.Second)
-	time.Sleep(500 * time.Millisecond)
+	time.Sleep(time.Second) // load on the survivors
 	rs := l.summary(t)
 
 	failed := failures(rs)
@@ -237,6 +239,53 @@ func TestServerOutage(t *testing.T) {
 			}
 			reach(t, s, names, 5*time.Second)
 		})
+	}
+}
+
+// A SIGTERMed server stops taking requests but finishes those in flight,
+// then closes the tunnels normally; the members keep trying to come back.
+func TestServerTerminatedWithRequestsInFlight(t *testing.T) {
+	s := startServer(t)
+	m := startMember(t, s, "a")
+	s.awaitMembers(t, 5*time.Second, "member", func(st []memberStatus) bool { _, ok := m.in(st); return ok })
+
+	const requests = 4
+	hc := visitors(t, requests)
+	type answer struct {
+		status int
+		body   string
+		err    error
+		at     time.Time
+	}
+	answers := make(chan answer, requests)
+	for range requests {
+		go func() {
+			status, body, err := get(context.Background(), hc, s, "/id?ms=700")
+			answers <- answer{status, body, err, time.Now()}
+		}()
+	}
+	s.awaitMembers(t, 5*time.Second, "requests in flight", func(st []memberStatus) bool { return inFlight(st) == requests })
+	termAt := time.Now()
+	s.signal(t, syscall.SIGTERM)
+	ok := 0
+	for range requests {
+		a := <-answers
+		if a.err != nil || a.status != http.StatusOK || a.body != "a" {
+			t.Errorf("request in flight at SIGTERM: %d %q %v", a.status, a.body, a.err)
+			continue
+		}
+		ok++
+	}
+	err := s.wait(t, 10*time.Second)
+	stopped := time.Since(termAt)
+	t.Logf("server SIGTERM with %d requests in flight: %d answered 200; exit %v after %v", requests, ok, err, stopped.Round(time.Millisecond))
+	if err != nil {
+		t.Errorf("server exited with %v, want status 0", err)
+	}
+	// The member does not take the normal close for a refusal.
+	time.Sleep(300 * time.Millisecond)
+	if !m.running() {
+		t.Errorf("member exited after the server stopped: %v", m.err)
 	}
 }
 
@@ -510,6 +559,8 @@ func TestVisitorResets(t *testing.T) {
 	startMember(t, s, "a")
 	reach(t, s, []string{"a"}, 5*time.Second)
 	baseline := settledGoroutines(t, s, 0, 5*time.Second)
+	hc := visitors(t, 1)
+	receivedBefore := received(t, hc, s)
 
 	// Half reset at once, half once the request had 20 ms to reach the
 	// member; the paths make the member answer at once, late, never
@@ -558,10 +609,10 @@ func TestVisitorResets(t *testing.T) {
 	time.Sleep(2 * time.Second) // the CPU sample
 	busy := float64(s.cpuTime(t)-cpu0) / float64(time.Since(at0))
 	st := s.members(t)
-	hc := visitorsClient(t)
+	reached := received(t, hc, s) - receivedBefore - 1
 	status, body, err := get(t.Context(), hc, s, "/id")
-	t.Logf("%d visitors reset (sent %d, failed to send %d) in %v; goroutines %d before, %d after (settled %v later); CPU %.1f%% of a core over 2 s; member in flight %d; next request %d %q %v",
-		visitors, visitors-dialErrs, dialErrs, storm.Round(time.Millisecond), baseline, after, settled.Round(time.Millisecond), busy*100, inFlight(st), status, body, err)
+	t.Logf("%d visitors reset (sent %d, failed to send %d, %d reached the member) in %v; goroutines %d before, %d after (settled %v later); CPU %.1f%% of a core over 2 s; member in flight %d; next request %d %q %v",
+		visitors, visitors-dialErrs, dialErrs, reached, storm.Round(time.Millisecond), baseline, after, settled.Round(time.Millisecond), busy*100, inFlight(st), status, body, err)
 	if after > baseline {
 		t.Errorf("%d goroutines left behind (%d, baseline %d)", after-baseline, after, baseline)
 	}
@@ -584,8 +635,16 @@ func inFlight(st []memberStatus) int64 {
 	return n
 }
 
-// visitorsClient is a one-connection client for probes.
-func visitorsClient(t *testing.T) *http.Client { return visitors(t, 1) }
+// received asks the member how many requests reached it.
+func received(t *testing.T, hc *http.Client, s *server) int {
+	t.Helper()
+	status, body, err := get(t.Context(), hc, s, "/served")
+	n, convErr := strconv.Atoi(body)
+	if err != nil || status != http.StatusOK || convErr != nil {
+		t.Fatalf("GET /served: %d %q %v", status, body, err)
+	}
+	return n
+}
 
 // resetAfterRequest sends raw, waits wait, and closes with an RST.
 func resetAfterRequest(addr, raw string, wait time.Duration) error {

@@ -17,6 +17,7 @@
 //	/upload           reads the body and answers "BYTES CRC32"
 //	/ws               WebSocket: echoes every message until "close"
 //	/wsactive         how many /ws handlers are running
+//	/served           how many requests it has received (this one included)
 package main
 
 import (
@@ -130,6 +131,7 @@ type handler struct {
 	name       string
 	log        *slog.Logger
 	draining   atomic.Bool
+	received   atomic.Int64 // requests that reached the handler
 	served     atomic.Int64 // requests finished
 	afterDrain atomic.Int64 // requests that arrived after SIGTERM
 	wsActive   atomic.Int64
@@ -145,7 +147,11 @@ func (h *handler) mux() http.Handler {
 	mux.HandleFunc("GET /wsactive", func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprint(w, h.wsActive.Load())
 	})
+	mux.HandleFunc("GET /served", func(w http.ResponseWriter, _ *http.Request) {
+		fmt.Fprint(w, h.received.Load())
+	})
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		h.received.Add(1)
 		if h.draining.Load() {
 			h.afterDrain.Add(1)
 		}
