@@ -521,25 +521,31 @@ func visitors(t *testing.T, conns int) *http.Client {
 
 // get sends a GET with Host svc.test and returns the status and body.
 func get(ctx context.Context, hc *http.Client, s *server, path string) (int, string, error) {
+	status, _, body, err := fetch(ctx, hc, s, path)
+	return status, body, err
+}
+
+// fetch is get that also returns the member that answered.
+func fetch(ctx context.Context, hc *http.Client, s *server, path string) (status int, member, body string, err error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+s.frontend+path, nil)
 	if err != nil {
-		return 0, "", err
+		return 0, "", "", err
 	}
 	req.Host = host
 	resp, err := hc.Do(req)
 	if err != nil {
-		return 0, "", err
+		return 0, "", "", err
 	}
 	defer resp.Body.Close()
-	body, err := io.ReadAll(resp.Body)
-	return resp.StatusCode, string(body), err
+	b, err := io.ReadAll(resp.Body)
+	return resp.StatusCode, resp.Header.Get("X-Member"), string(b), err
 }
 
 // result is one request of a load.
 type result struct {
 	start  time.Time
 	dur    time.Duration
-	member string // the body of a 200 from /id
+	member string // who answered (header X-Member)
 	err    error  // transport error, truncated body or a status other than 200
 }
 
@@ -567,14 +573,11 @@ func startLoad(t *testing.T, s *server, workers int, path string) *load {
 				l.sent.Add(1)
 				// Requests are not cut by the stop: every request sent
 				// counts, so it must get its answer.
-				status, body, err := get(context.WithoutCancel(ctx), hc, s, path)
+				status, member, body, err := fetch(context.WithoutCancel(ctx), hc, s, path)
 				if err == nil && status != http.StatusOK {
 					err = fmt.Errorf("status %d: %q", status, body)
 				}
-				r := result{start: start, dur: time.Since(start), err: err}
-				if err == nil {
-					r.member = body
-				}
+				r := result{start: start, dur: time.Since(start), member: member, err: err}
 				l.mu.Lock()
 				l.results = append(l.results, r)
 				l.mu.Unlock()

@@ -9,7 +9,7 @@
 //	registered LOCAL_ADDR           after each successful registration
 //	drained served=N after_drain=M  after Shutdown returned
 //
-// Its handler serves:
+// Every answer carries its -name in the header X-Member. Its handler serves:
 //
 //	/id?ms=N          its -name, after N milliseconds
 //	/panic            panics
@@ -152,6 +152,7 @@ func (h *handler) mux() http.Handler {
 	})
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		h.received.Add(1)
+		w.Header().Set("X-Member", h.name)
 		if h.draining.Load() {
 			h.afterDrain.Add(1)
 		}
