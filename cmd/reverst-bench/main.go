@@ -2,7 +2,7 @@
 // direct connection to the same backend, in the same run.
 //
 //	go run ./cmd/reverst-bench          # about 1.5 minutes on 2 cores
-//	go run ./cmd/reverst-bench -quick   # about 15 s
+//	go run ./cmd/reverst-bench -quick   # about 20 s, building included
 //
 // It builds ./cmd/reverst and starts it as a separate process, with a
 // generated certificate and groups file, so that the server's CPU time
@@ -111,7 +111,7 @@ func parseConfig(args []string, out io.Writer) (*config, error) {
 	c := &config{}
 	fs := flag.NewFlagSet("reverst-bench", flag.ContinueOnError)
 	fs.SetOutput(out)
-	quick := fs.Bool("quick", false, "short run of about 15 s (shorter durations and 2 rounds, unless set explicitly)")
+	quick := fs.Bool("quick", false, "short run of about 20 s (shorter durations and 2 rounds, unless set explicitly)")
 	fs.IntVar(&c.rounds, "rounds", 3, "repetitions of each direct/tunnel pair")
 	fs.IntVar(&c.concurrency, "c", 64, "concurrent keep-alive connections for small bodies")
 	fs.IntVar(&c.bigConcurrency, "big-c", 4, "concurrent keep-alive connections for 1 MiB bodies")
@@ -137,10 +137,10 @@ func parseConfig(args []string, out io.Writer) (*config, error) {
 		fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 		quickDefaults := map[string]func(){
 			"rounds": func() { c.rounds = 2 },
-			"small":  func() { c.smallDur = time.Second },
-			"big":    func() { c.bigDur = time.Second },
-			"lat":    func() { c.latDur = 500 * time.Millisecond },
-			"warmup": func() { c.warmup = 200 * time.Millisecond },
+			"small":  func() { c.smallDur = 750 * time.Millisecond },
+			"big":    func() { c.bigDur = 750 * time.Millisecond },
+			"lat":    func() { c.latDur = 400 * time.Millisecond },
+			"warmup": func() { c.warmup = 150 * time.Millisecond },
 		}
 		for name, apply := range quickDefaults {
 			if !set[name] {
