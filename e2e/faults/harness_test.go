@@ -632,6 +632,7 @@ func failures(rs []result) int {
 func reach(t *testing.T, s *server, names []string, within time.Duration) {
 	t.Helper()
 	hc := visitors(t, 1)
+	defer hc.CloseIdleConnections()
 	seen := map[string]bool{}
 	deadline := time.Now().Add(within)
 	for len(seen) < len(names) {
