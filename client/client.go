@@ -77,12 +77,12 @@ const (
 	// DefaultKeepAlivePeriod keeps NAT bindings open and, with
 	// DefaultMaxIdleTimeout, lets either side notice a dead peer quickly.
 	DefaultKeepAlivePeriod = 250 * time.Millisecond
-	// DefaultMaxIdleTimeout is how long a silent connection lives; the
-	// effective value is the smaller of the client's and the server's, so
-	// the client's short one makes the tunnel server drop a killed or
-	// unreachable member (and fail over its requests) within about a
-	// second. The cost is a keep-alive packet every DefaultKeepAlivePeriod;
-	// raise both on lossy networks.
+	// DefaultMaxIdleTimeout is how long a silent connection lives on the
+	// client's side: it notices a dead server within about a second. The
+	// server learns the keep-alive period from the register request
+	// (protocol.MetadataKeepAlive) and drops a dead member within about
+	// four periods. The cost is a keep-alive packet every
+	// DefaultKeepAlivePeriod; raise both on lossy networks.
 	DefaultMaxIdleTimeout = 1200 * time.Millisecond
 )
 
@@ -392,6 +392,15 @@ func (s *Server) register(ctx context.Context, conn *quic.Conn) (*quic.Stream, *
 		Version:     protocol.Version,
 		TunnelGroup: s.TunnelGroup,
 		Metadata:    map[string]string{},
+	}
+	if qc := s.quicConfig(); qc.KeepAlivePeriod > 0 {
+		// Lets the server drop this connection within a few periods if it
+		// dies, rather than after quic-go's 5 s floor on idle timeouts.
+		period := qc.KeepAlivePeriod
+		if qc.MaxIdleTimeout > 0 {
+			period = min(period, qc.MaxIdleTimeout/2)
+		}
+		req.Metadata[protocol.MetadataKeepAlive] = period.String()
 	}
 	if s.Authenticator != nil {
 		if err := s.Authenticator.Authenticate(ctx, req); err != nil {

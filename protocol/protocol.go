@@ -19,6 +19,16 @@
 // flip: the server is the HTTP/3 client on the connection and the tunnel
 // client serves HTTP/3 on it.
 //
+// # Keep-alive announcement (an extension)
+//
+// A client may put in Metadata[[MetadataKeepAlive]] the period of its QUIC
+// keep-alives, as a Go duration ("250ms"). A server that knows the key
+// then treats a connection from which nothing arrived for several periods
+// as dead, and drops it at once instead of waiting for the QUIC idle
+// timeout (which quic-go never lets a peer lower below 5 s). Older servers
+// ignore the key; a client that does not announce keeps the transport's
+// idle timeout.
+//
 // # Draining (an extension)
 //
 // The register stream stays open after the response. A client that is about
@@ -48,6 +58,7 @@
 package protocol
 
 import (
+	"bufio"
 	"errors"
 	"fmt"
 	"io"
@@ -129,6 +140,10 @@ type ControlMessage struct {
 	Type string
 }
 
+// MetadataKeepAlive is the register-request metadata key announcing the
+// client's keep-alive period.
+const MetadataKeepAlive = "Reverst-Keep-Alive"
+
 // ControlDrain announces that the client leaves: send it no new requests.
 const ControlDrain = "drain"
 
@@ -146,7 +161,9 @@ type ControlReader struct {
 // [MaxMessageSize] bytes over its whole life: the stream carries a handful
 // of tiny messages, so more is a misbehaving peer.
 func NewControlReader(r io.Reader) *ControlReader {
-	return &ControlReader{dec: msgpack.NewDecoder(io.LimitReader(r, MaxMessageSize))}
+	// Without a reader of our own msgpack would keep a 4 KiB buffer for the
+	// life of every tunnel, for messages of a few bytes.
+	return &ControlReader{dec: msgpack.NewDecoder(bufio.NewReaderSize(io.LimitReader(r, MaxMessageSize), 64))}
 }
 
 // Next returns the next message; io.EOF when the peer closed the stream.

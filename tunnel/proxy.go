@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"net/http/httputil"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/quic-go/quic-go/http3"
@@ -25,14 +26,6 @@ const (
 
 var errNoMember = errors.New("no member available")
 
-type groupKey struct{}
-
-// proxy forwards a frontend request to a member of the group in its context.
-type proxy struct {
-	s  *Server
-	rp *httputil.ReverseProxy
-}
-
 func (s *Server) transport() *http3.Transport {
 	s.proxyOnce.Do(s.initProxy)
 	return s.h3
@@ -45,46 +38,57 @@ func (s *Server) initProxy() {
 		DisableCompression:     true,
 		MaxResponseHeaderBytes: s.MaxResponseHeaderBytes,
 	}
-	p := &proxy{s: s}
-	p.rp = &httputil.ReverseProxy{
-		Rewrite: func(r *httputil.ProxyRequest) {
-			if s.TrustForwardedHeaders {
-				// Rewrite drops the visitor's X-Forwarded-* before this
-				// hook; a trusted proxy's chain is kept and extended.
-				for _, h := range []string{"X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
-					if v, ok := r.In.Header[h]; ok {
-						r.Out.Header[h] = v
-					}
-				}
-				r.SetXForwarded()
-				if v, ok := r.In.Header["X-Forwarded-Host"]; ok {
-					r.Out.Header["X-Forwarded-Host"] = v
-				}
-				if v, ok := r.In.Header["X-Forwarded-Proto"]; ok {
-					r.Out.Header["X-Forwarded-Proto"] = v
-				}
-			} else {
-				r.SetXForwarded()
-			}
-			r.Out.URL.Scheme = "https"
-			r.Out.URL.Host = r.In.Host
-			r.Out.Host = r.In.Host
-		},
-		Transport: p,
+	s.buffers = &bufferPool{}
+	s.errorLog = slog.NewLogLogger(s.logger().Handler(), slog.LevelWarn)
+}
+
+// newProxy returns the reverse proxy of g. Each group has its own, bound to
+// it, so that a request needs no copy to carry its group to RoundTrip.
+func (s *Server) newProxy(g *group) *httputil.ReverseProxy {
+	s.proxyOnce.Do(s.initProxy)
+	rt := &groupTransport{s: s, g: g}
+	return &httputil.ReverseProxy{
+		Rewrite:   s.rewrite,
+		Transport: rt,
 		// Stream as the member writes: server-sent events and chunked
 		// responses must not wait for a buffer to fill.
 		FlushInterval: -1,
-		ErrorHandler:  p.error,
-		ErrorLog:      slog.NewLogLogger(s.logger().Handler(), slog.LevelWarn),
+		// Without a pool the proxy allocates 32 KiB per request, most of
+		// the garbage a small response makes.
+		BufferPool:   s.buffers,
+		ErrorHandler: rt.error,
+		ErrorLog:     s.errorLog,
 	}
-	s.proxy = p
+}
+
+func (s *Server) rewrite(r *httputil.ProxyRequest) {
+	if s.TrustForwardedHeaders {
+		// Rewrite drops the visitor's X-Forwarded-* before this hook; a
+		// trusted proxy's chain is kept and extended.
+		for _, h := range []string{"X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
+			if v, ok := r.In.Header[h]; ok {
+				r.Out.Header[h] = v
+			}
+		}
+		r.SetXForwarded()
+		if v, ok := r.In.Header["X-Forwarded-Host"]; ok {
+			r.Out.Header["X-Forwarded-Host"] = v
+		}
+		if v, ok := r.In.Header["X-Forwarded-Proto"]; ok {
+			r.Out.Header["X-Forwarded-Proto"] = v
+		}
+	} else {
+		r.SetXForwarded()
+	}
+	r.Out.URL.Scheme = "https"
+	r.Out.URL.Host = r.In.Host
+	r.Out.Host = r.In.Host
 }
 
 // ServeHTTP is the HTTP frontend: it routes r by host to a group and
 // proxies it to one of the group's members. An unknown host is answered
 // 502, a group without members 503, each with a short text body.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
-	s.proxyOnce.Do(s.initProxy)
 	start := time.Now()
 	g := s.table.Load().lookupHost(groups.NormalizeHost(s.routingHost(r)))
 	if g == nil {
@@ -98,7 +102,7 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	sw := &statusWriter{ResponseWriter: w}
-	s.proxy.rp.ServeHTTP(sw, r.WithContext(context.WithValue(r.Context(), groupKey{}, g)))
+	g.proxy.ServeHTTP(sw, r)
 	s.Metrics.request(g.name, sw.status, time.Since(start))
 }
 
@@ -114,17 +118,20 @@ func (s *Server) routingHost(r *http.Request) string {
 	return r.Host
 }
 
+// groupTransport sends requests to the members of one group.
+type groupTransport struct {
+	s *Server
+	g *group
+}
+
 // RoundTrip sends the request to a member of its group. A request that
 // fails because the member's connection died before any response, and that
 // can safely be sent twice, is retried once on another member.
-func (p *proxy) RoundTrip(req *http.Request) (*http.Response, error) {
-	g, _ := req.Context().Value(groupKey{}).(*group)
-	if g == nil {
-		return nil, errNoMember
-	}
+func (t *groupTransport) RoundTrip(req *http.Request) (*http.Response, error) {
+	g := t.g
 	var tried *member
 	for attempt := 0; ; attempt++ {
-		m, err := p.s.acquire(req.Context(), g, tried)
+		m, err := t.s.acquire(req.Context(), g, tried)
 		if err != nil {
 			if tried != nil && errors.Is(err, errNoMember) {
 				return nil, errMemberGone
@@ -172,7 +179,7 @@ func (b *countedBody) Close() error {
 	return b.ReadCloser.Close()
 }
 
-func (p *proxy) error(w http.ResponseWriter, r *http.Request, err error) {
+func (t *groupTransport) error(w http.ResponseWriter, r *http.Request, err error) {
 	if errors.Is(err, errNoMember) {
 		textError(w, bodyNoMember, http.StatusServiceUnavailable)
 		return
@@ -187,12 +194,7 @@ func (p *proxy) error(w http.ResponseWriter, r *http.Request, err error) {
 		w.WriteHeader(499)
 		return
 	}
-	g, _ := r.Context().Value(groupKey{}).(*group)
-	name := ""
-	if g != nil {
-		name = g.name
-	}
-	p.s.logger().Warn("proxy error", "group", name, "error", err)
+	t.s.logger().Warn("proxy error", "group", t.g.name, "error", err)
 	textError(w, bodyBadGateway, http.StatusBadGateway)
 }
 
@@ -231,3 +233,15 @@ func (w *statusWriter) Flush() {
 }
 
 func (w *statusWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
+
+// bufferPool recycles the reverse proxies' copy buffers.
+type bufferPool struct{ pool sync.Pool }
+
+func (b *bufferPool) Get() []byte {
+	if buf, ok := b.pool.Get().(*[]byte); ok {
+		return *buf
+	}
+	return make([]byte, 32<<10)
+}
+
+func (b *bufferPool) Put(buf []byte) { b.pool.Put(&buf) }

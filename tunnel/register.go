@@ -17,18 +17,14 @@ func (s *Server) handle(conn *quic.Conn) {
 	defer s.untrack(conn)
 	log := s.logger().With("remote", conn.RemoteAddr().String())
 
-	g, stream, err := s.register(conn)
+	g, stream, req, err := s.register(conn)
 	if err != nil {
 		code, reason, result := closeFor(err)
-		if g != nil {
-			s.Metrics.registration(g.name, result)
-		} else {
-			s.Metrics.registration("", result)
-		}
 		group := ""
 		if g != nil {
 			group = g.name
 		}
+		s.Metrics.registration(group, result)
 		log.Warn("registration refused", "group", group, "reason", reason, "error", err)
 		_ = conn.CloseWithError(code, reason)
 		return
@@ -50,7 +46,7 @@ func (s *Server) handle(conn *quic.Conn) {
 	log.Info("member registered", "group", g.name, "members", g.size())
 	go s.control(stream, m, log.With("group", g.name))
 
-	<-conn.Context().Done()
+	s.watch(conn, keepAlive(req.Metadata[protocol.MetadataKeepAlive]))
 	if g.remove(m) {
 		s.Metrics.setMembers(g.name, g.size())
 	}
@@ -60,7 +56,7 @@ func (s *Server) handle(conn *quic.Conn) {
 // register reads, authenticates and answers the register request on the
 // first stream. The returned group is non-nil whenever the request named a
 // known group, so that failures can be attributed.
-func (s *Server) register(conn *quic.Conn) (*group, *quic.Stream, error) {
+func (s *Server) register(conn *quic.Conn) (*group, *quic.Stream, *protocol.RegisterRequest, error) {
 	timeout := s.RegisterTimeout
 	if timeout <= 0 {
 		timeout = DefaultRegisterTimeout
@@ -70,33 +66,77 @@ func (s *Server) register(conn *quic.Conn) (*group, *quic.Stream, error) {
 
 	stream, err := conn.AcceptStream(ctx)
 	if err != nil {
-		return nil, nil, errors.Join(protocol.ErrBadRequest, errTimeout, err)
+		return nil, nil, nil, errors.Join(protocol.ErrBadRequest, errTimeout, err)
 	}
 	deadline, _ := ctx.Deadline()
 	_ = stream.SetDeadline(deadline)
 	req, err := protocol.ReadRequest(stream)
 	if err != nil {
 		stream.CancelRead(0)
-		return nil, nil, err
+		return nil, nil, nil, err
 	}
 
 	g := s.table.Load().lookupName(req.TunnelGroup)
 	if g == nil {
-		return nil, nil, protocol.ErrNotFound
+		return nil, nil, nil, protocol.ErrNotFound
 	}
 	if auth := g.authenticator(); auth != nil {
 		if err := auth.Authenticate(ctx, req.Metadata); err != nil {
-			return g, nil, err
+			return g, nil, nil, err
 		}
 	}
 	if err := protocol.WriteResponse(stream, &protocol.RegisterResponse{Version: protocol.Version, Code: protocol.ResponseOK}); err != nil {
-		return g, nil, err
+		return g, nil, nil, err
 	}
 	_ = stream.SetDeadline(time.Time{})
 	// Our side is done; the client's side stays open for control messages.
 	_ = stream.Close()
-	return g, stream, nil
+	return g, stream, req, nil
 }
+
+// keepAlive parses a member's announced keep-alive period; zero means
+// none or one too odd to rely on.
+func keepAlive(v string) time.Duration {
+	d, err := time.ParseDuration(v)
+	if err != nil || d < 50*time.Millisecond || d > 30*time.Second {
+		return 0
+	}
+	return d
+}
+
+// watch returns when conn ends. A member that announced its keep-alive
+// period is closed once nothing arrived from it for keepAliveMisses
+// periods: its process died or its network is gone, and its requests fail
+// over now rather than after the transport's idle timeout.
+func (s *Server) watch(conn *quic.Conn, period time.Duration) {
+	if period == 0 {
+		<-conn.Context().Done()
+		return
+	}
+	tick := time.NewTicker(period / 2)
+	defer tick.Stop()
+	last, lastAt := conn.ConnectionStats().PacketsReceived, time.Now()
+	for {
+		select {
+		case <-conn.Context().Done():
+			return
+		case now := <-tick.C:
+			if n := conn.ConnectionStats().PacketsReceived; n != last {
+				last, lastAt = n, now
+				continue
+			}
+			if now.Sub(lastAt) >= keepAliveMisses*period {
+				_ = conn.CloseWithError(protocol.CodeServerError, "keep-alive timeout")
+				<-conn.Context().Done()
+				return
+			}
+		}
+	}
+}
+
+// keepAliveMisses is how many keep-alive periods of silence declare a
+// member dead: enough to ride out a lost packet and a scheduling hiccup.
+const keepAliveMisses = 4
 
 // control reads the member's control messages until its stream or
 // connection ends. A client that never sends any is an older client.

@@ -14,6 +14,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log"
 	"log/slog"
 	"slices"
 	"strings"
@@ -75,8 +76,9 @@ type Server struct {
 	limiter     *registrationLimiter
 
 	proxyOnce sync.Once
-	proxy     *proxy
 	h3        *http3.Transport
+	buffers   *bufferPool
+	errorLog  *log.Logger
 }
 
 func (s *Server) logger() *slog.Logger {
@@ -103,7 +105,7 @@ func (s *Server) SetGroups(defs []Group) error {
 		}
 		g := old.lookupName(d.Name)
 		if g == nil {
-			g = newGroup(d.Name)
+			g = s.newGroup(d.Name)
 		}
 		next.byName[d.Name] = g
 		for _, h := range d.Hosts {

@@ -6,6 +6,7 @@ import (
 	"crypto/x509"
 	"errors"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -207,5 +208,73 @@ func TestSilentClientIsClosed(t *testing.T) {
 	appErr := waitClosed(t, silent, 3*time.Second)
 	if appErr.ErrorCode != protocol.CodeClientError {
 		t.Fatalf("silent client closed with %#x %q", appErr.ErrorCode, appErr.ErrorMessage)
+	}
+}
+
+// registerRaw registers a hand-made client with metadata md over its own
+// UDP socket, which the caller can close to make the member vanish
+// without a word, as a killed process does.
+func (e *env) registerRaw(t testing.TB, group string, md map[string]string, qc *quic.Config) (*quic.Conn, *net.UDPConn) {
+	t.Helper()
+	udp, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { udp.Close() })
+	raddr, err := net.ResolveUDPAddr("udp", e.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	conn, err := (&quic.Transport{Conn: udp}).Dial(ctx, raddr, e.clientTLS(), qc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	str, err := conn.OpenStreamSync(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := protocol.WriteRequest(str, &protocol.RegisterRequest{Version: 1, TunnelGroup: group, Metadata: md}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := protocol.ReadResponse(str); err != nil {
+		t.Fatal(err)
+	}
+	return conn, udp
+}
+
+func TestDeadMemberDroppedAfterAnnouncedKeepAlive(t *testing.T) {
+	e := startServer(t, tunnel.Group{Name: "g", Hosts: []string{"g.example"}})
+	_, udp := e.registerRaw(t, "g", map[string]string{protocol.MetadataKeepAlive: "100ms"},
+		&quic.Config{KeepAlivePeriod: 100 * time.Millisecond, MaxIdleTimeout: 10 * time.Second})
+	if n := e.srv.Members()["g"]; n != 1 {
+		t.Fatalf("members %d", n)
+	}
+	// Alive and idle: the keep-alives keep it a member.
+	time.Sleep(600 * time.Millisecond)
+	if n := e.srv.Members()["g"]; n != 1 {
+		t.Fatalf("live member dropped: members %d", n)
+	}
+	udp.Close()
+	start := time.Now()
+	for e.srv.Members()["g"] != 0 {
+		if time.Since(start) > 3*time.Second {
+			t.Fatal("dead member still registered after 3s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if d := time.Since(start); d > 700*time.Millisecond {
+		t.Fatalf("dead member dropped after %s, want about 4 keep-alive periods", d)
+	}
+}
+
+func TestSilentOlderMemberKept(t *testing.T) {
+	e := startServer(t, tunnel.Group{Name: "g", Hosts: []string{"g.example"}})
+	// No announcement and no keep-alives: only the idle timeout applies.
+	e.registerRaw(t, "g", nil, &quic.Config{MaxIdleTimeout: 10 * time.Second})
+	time.Sleep(1500 * time.Millisecond)
+	if n := e.srv.Members()["g"]; n != 1 {
+		t.Fatalf("older member without keep-alive dropped: members %d", n)
 	}
 }
