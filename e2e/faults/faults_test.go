@@ -91,12 +91,10 @@ func testMemberKilled(t *testing.T, workers, streams int) {
 	t.Logf("SIGKILL: removed after %v; GETs: sent %d, failed %d; streams: sent %d, cut %d; %d requests waited for the dead member; after removal: %d requests, slowest %v",
 		removal.Round(time.Millisecond), len(rs), failed, len(ls), cut, stuck, after, slowestAfter.Round(time.Millisecond))
 	if removal > maxRemoval {
-		// Product bug while the server's QUIC defaults are --max-idle-timeout
-		// 1m and --keep-alive-period 30s: quic-go raises the idle timeout a
-		// peer advertises to at least 5 s, so the member's 1.2 s does not
-		// bind the server, which waits 5 s after its own keep-alive (sent
-		// 2.5 s after the last packet). The server's own idle timeout must be
-		// short (1s with a 250ms keep-alive measured 1.0–1.3 s here).
+		// quic-go raises the idle timeout a peer advertises to at least 5 s,
+		// so removal within a second rests on the member announcing its
+		// keep-alive period (protocol.MetadataKeepAlive) and the server
+		// dropping it after four silent periods.
 		t.Errorf("killed member removed after %v, want ≤ %v", removal, maxRemoval)
 	}
 	// Every /id is a body-less GET with a tiny answer: none can be caught
