@@ -46,7 +46,7 @@ func newClient(ts *tunnelServer) (*client.Server, *logRecorder) {
 	return &client.Server{
 		TunnelGroup:   testGroup,
 		Handler:       testHandler(),
-		TLSConfig:     ts.pki.clientTLS(),
+		TLSConfig:     &tls.Config{RootCAs: ts.pki.Pool},
 		Authenticator: client.BasicAuthenticator("user", "pass"),
 		Logger:        slog.New(rec),
 	}, rec
@@ -442,8 +442,8 @@ func TestHandlerPanicKeepsTunnel(t *testing.T) {
 
 func TestTLSConfigIsNotModified(t *testing.T) {
 	ts := newTunnelServer(t)
-	shared := &tls.Config{RootCAs: ts.pki.pool, NextProtos: []string{"h3"}}
-	named := &tls.Config{RootCAs: ts.pki.pool, ServerName: testSNI}
+	shared := &tls.Config{RootCAs: ts.pki.Pool, NextProtos: []string{"h3"}}
+	named := &tls.Config{RootCAs: ts.pki.Pool, ServerName: testSNI}
 
 	var members []*member
 	for _, conf := range []*tls.Config{shared, shared, named} {

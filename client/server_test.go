@@ -2,16 +2,9 @@ package client_test
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
 	"io"
 	"log/slog"
-	"math/big"
-	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -22,6 +15,7 @@ import (
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
 
+	"github.com/reverst-dev/reverst/internal/testpki"
 	"github.com/reverst-dev/reverst/protocol"
 )
 
@@ -39,50 +33,8 @@ const (
 	quickTimeout = 5 * time.Second
 )
 
-// testPKI is a self-signed certificate for 127.0.0.1 and tunnel.test.
-type testPKI struct {
-	cert tls.Certificate
-	pool *x509.CertPool
-}
-
-func newPKI(t testing.TB) *testPKI {
-	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: testSNI},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(time.Hour),
-		DNSNames:              []string{testSNI},
-		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1)},
-		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	leaf, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AddCert(leaf)
-	return &testPKI{
-		cert: tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf},
-		pool: pool,
-	}
-}
-
-// clientTLS returns a client configuration trusting the test certificate.
-func (p *testPKI) clientTLS() *tls.Config {
-	return &tls.Config{RootCAs: p.pool}
-}
+// newPKI makes a self-signed certificate for 127.0.0.1 and tunnel.test.
+func newPKI(t testing.TB) *testpki.PKI { return testpki.New(t, testSNI, "127.0.0.1") }
 
 // member is a registered tunnel connection, seen from the server.
 type member struct {
@@ -126,7 +78,7 @@ func (m *member) mustGet(t testing.TB, path string) (int, string) {
 // tunnelServer is the test's registration server.
 type tunnelServer struct {
 	t    testing.TB
-	pki  *testPKI
+	pki  *testpki.PKI
 	addr string
 
 	// verdict decides a registration: nil accepts; a protocol sentinel is
@@ -160,7 +112,7 @@ func newTunnelServer(t testing.TB) *tunnelServer {
 }
 
 // newTunnelServerAt starts a server with pki's certificate on addr.
-func newTunnelServerAt(t testing.TB, pki *testPKI, addr string) *tunnelServer {
+func newTunnelServerAt(t testing.TB, pki *testpki.PKI, addr string) *tunnelServer {
 	t.Helper()
 	s := &tunnelServer{t: t, pki: pki, members: make(chan *member, 16)}
 	v := defaultVerdict
@@ -175,7 +127,7 @@ func (s *tunnelServer) setVerdict(v func(*protocol.RegisterRequest) error) { s.v
 // listen starts accepting on addr (again, after stop, on the same port).
 func (s *tunnelServer) listen(addr string) {
 	s.t.Helper()
-	tlsConf := &tls.Config{Certificates: []tls.Certificate{s.pki.cert}, NextProtos: []string{protocol.ALPN}}
+	tlsConf := &tls.Config{Certificates: []tls.Certificate{s.pki.Cert}, NextProtos: []string{protocol.ALPN}}
 	ln, err := quic.ListenAddr(addr, tlsConf, &quic.Config{KeepAlivePeriod: time.Second})
 	if err != nil {
 		s.t.Fatal(err)
