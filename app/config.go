@@ -6,12 +6,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"reflect"
-	"strings"
-	"text/tabwriter"
 	"time"
 
-	"github.com/caarlos0/env/v11"
+	"github.com/reverst-dev/reverst/internal/flagenv"
 )
 
 // EnvPrefix starts the name of every environment variable the server reads.
@@ -52,135 +49,70 @@ type Config struct {
 	ExternalAuthDenyTTL  time.Duration `env:"EXTERNAL_AUTH_DENY_TTL" envDefault:"10s"`
 }
 
-// option describes one setting: its flags, its env var and its help.
-type option struct {
-	short, long string
-	env         string
-	usage       string
-	required    bool
-	bind        func(fs *flag.FlagSet, name string)
-	kind        string
-	def         string
-}
-
-func (c *Config) options() []option {
-	str := func(p *string) func(*flag.FlagSet, string) {
-		return func(fs *flag.FlagSet, name string) { fs.StringVar(p, name, *p, "") }
-	}
-	dur := func(p *time.Duration) func(*flag.FlagSet, string) {
-		return func(fs *flag.FlagSet, name string) { fs.DurationVar(p, name, *p, "") }
-	}
-	integer := func(p *int) func(*flag.FlagSet, string) {
-		return func(fs *flag.FlagSet, name string) { fs.IntVar(p, name, *p, "") }
-	}
-	float := func(p *float64) func(*flag.FlagSet, string) {
-		return func(fs *flag.FlagSet, name string) { fs.Float64Var(p, name, *p, "") }
-	}
-	boolean := func(p *bool) func(*flag.FlagSet, string) {
-		return func(fs *flag.FlagSet, name string) { fs.BoolVar(p, name, *p, "") }
-	}
-	return []option{
-		{short: "l", long: "log", env: "LOG", kind: "STRING", def: "info", usage: "debug, info, warn or error", bind: str(&c.Log)},
-		{short: "a", long: "tunnel-address", env: "TUNNEL_ADDRESS", kind: "STRING", def: "127.0.0.1:7171", usage: "address for accepting tunnelling quic connections", bind: str(&c.TunnelAddress)},
-		{short: "s", long: "http-address", env: "HTTP_ADDRESS", kind: "STRING", def: "0.0.0.0:8181", usage: "address for serving HTTP requests", bind: str(&c.HTTPAddress)},
-		{short: "n", long: "server-name", env: "SERVER_NAME", kind: "STRING", required: true, usage: "server name used to identify tunnel via TLS", bind: str(&c.ServerName)},
-		{short: "k", long: "private-key-path", env: "PRIVATE_KEY_PATH", kind: "STRING", required: true, usage: "path to TLS private key PEM file", bind: str(&c.PrivateKeyPath)},
-		{short: "c", long: "certificate-path", env: "CERTIFICATE_PATH", kind: "STRING", required: true, usage: "path to TLS certificate PEM file", bind: str(&c.CertificatePath)},
-		{short: "g", long: "tunnel-groups", env: "TUNNEL_GROUPS", kind: "STRING", def: "groups.yml", usage: "path to file, file://, http(s):// or k8s://configmap/NS/NAME/KEY source of tunnel groups", bind: str(&c.TunnelGroups)},
-		{short: "w", long: "watch-groups", env: "WATCH_GROUPS", kind: "BOOL", usage: "watch tunnel groups sources for updates", bind: boolean(&c.WatchGroups)},
-		{long: "groups-poll-interval", env: "GROUPS_POLL_INTERVAL", kind: "DURATION", def: "10s", usage: "how often a watched http(s) groups source is polled", bind: dur(&c.GroupsPoll)},
-		{long: "management-address", env: "MANAGEMENT_ADDRESS", kind: "STRING", usage: "HTTP address for management API (/metrics, /healthz, /readyz)", bind: str(&c.ManagementAddress)},
-		{long: "max-idle-timeout", env: "MAX_IDLE_TIMEOUT", kind: "DURATION", def: "1m0s", usage: "maximum time a connection can be idle", bind: dur(&c.MaxIdleTimeout)},
-		{long: "keep-alive-period", env: "KEEP_ALIVE_PERIOD", kind: "DURATION", def: "30s", usage: "period between keep-alive events", bind: dur(&c.KeepAlivePeriod)},
-		{long: "https-address", env: "HTTPS_ADDRESS", kind: "STRING", usage: "address for serving HTTPS (HTTP/1.1 and HTTP/2) requests; off when empty", bind: str(&c.HTTPSAddress)},
-		{long: "https-certificate-path", env: "HTTPS_CERTIFICATE_PATH", kind: "STRING", usage: "TLS certificate PEM file of the HTTPS frontend (default: --certificate-path)", bind: str(&c.HTTPSCertificatePath)},
-		{long: "https-private-key-path", env: "HTTPS_PRIVATE_KEY_PATH", kind: "STRING", usage: "TLS private key PEM file of the HTTPS frontend (default: --private-key-path)", bind: str(&c.HTTPSPrivateKeyPath)},
-		{long: "trust-forwarded-headers", env: "TRUST_FORWARDED_HEADERS", kind: "BOOL", usage: "route by X-Forwarded-Host and extend X-Forwarded-* (only behind a trusted proxy)", bind: boolean(&c.TrustForwardedHeaders)},
-		{long: "max-header-bytes", env: "MAX_HEADER_BYTES", kind: "INT", def: "65536", usage: "largest request header the frontends accept", bind: integer(&c.MaxHeaderBytes)},
-		{long: "max-requests-per-member", env: "MAX_REQUESTS_PER_MEMBER", kind: "INT", usage: "requests in flight per tunnel member before requests queue (default: 0, no limit)", bind: integer(&c.MaxRequestsPerMember)},
-		{long: "queue-timeout", env: "QUEUE_TIMEOUT", kind: "DURATION", def: "1s", usage: "how long a request waits for a member below its limit before a 503", bind: dur(&c.QueueTimeout)},
-		{long: "registration-rate", env: "REGISTRATION_RATE", kind: "FLOAT", def: "50", usage: "tunnel registrations per second allowed from one IP address, 0 for no limit", bind: float(&c.RegistrationRate)},
-		{long: "registration-burst", env: "REGISTRATION_BURST", kind: "INT", def: "200", usage: "burst of registrations allowed from one IP address", bind: integer(&c.RegistrationBurst)},
-		{long: "shutdown-timeout", env: "SHUTDOWN_TIMEOUT", kind: "DURATION", def: "15s", usage: "time allowed for in-flight requests to finish on SIGTERM", bind: dur(&c.ShutdownTimeout)},
-		{long: "external-auth-timeout", env: "EXTERNAL_AUTH_TIMEOUT", kind: "DURATION", def: "3s", usage: "timeout of one call to an external authentication endpoint", bind: dur(&c.ExternalAuthTimeout)},
-		{long: "external-auth-cache-size", env: "EXTERNAL_AUTH_CACHE_SIZE", kind: "INT", def: "4096", usage: "external authentication decisions kept in the LRU cache", bind: integer(&c.ExternalAuthCache)},
-		{long: "external-auth-allow-ttl", env: "EXTERNAL_AUTH_ALLOW_TTL", kind: "DURATION", def: "1m0s", usage: "how long an allow from an external endpoint is cached", bind: dur(&c.ExternalAuthAllowTTL)},
-		{long: "external-auth-deny-ttl", env: "EXTERNAL_AUTH_DENY_TTL", kind: "DURATION", def: "10s", usage: "how long a deny from an external endpoint is cached", bind: dur(&c.ExternalAuthDenyTTL)},
+func (c *Config) options() []flagenv.Option {
+	return []flagenv.Option{
+		{Short: "l", Long: "log", Env: "LOG", Kind: "STRING", Default: "info", Usage: "debug, info, warn or error", Bind: flagenv.String(&c.Log)},
+		{Short: "a", Long: "tunnel-address", Env: "TUNNEL_ADDRESS", Kind: "STRING", Default: "127.0.0.1:7171", Usage: "address for accepting tunnelling quic connections", Bind: flagenv.String(&c.TunnelAddress)},
+		{Short: "s", Long: "http-address", Env: "HTTP_ADDRESS", Kind: "STRING", Default: "0.0.0.0:8181", Usage: "address for serving HTTP requests", Bind: flagenv.String(&c.HTTPAddress)},
+		{Short: "n", Long: "server-name", Env: "SERVER_NAME", Kind: "STRING", Required: true, Usage: "server name used to identify tunnel via TLS", Bind: flagenv.String(&c.ServerName)},
+		{Short: "k", Long: "private-key-path", Env: "PRIVATE_KEY_PATH", Kind: "STRING", Required: true, Usage: "path to TLS private key PEM file", Bind: flagenv.String(&c.PrivateKeyPath)},
+		{Short: "c", Long: "certificate-path", Env: "CERTIFICATE_PATH", Kind: "STRING", Required: true, Usage: "path to TLS certificate PEM file", Bind: flagenv.String(&c.CertificatePath)},
+		{Short: "g", Long: "tunnel-groups", Env: "TUNNEL_GROUPS", Kind: "STRING", Default: "groups.yml", Usage: "path to file, file://, http(s):// or k8s://configmap/NS/NAME/KEY source of tunnel groups", Bind: flagenv.String(&c.TunnelGroups)},
+		{Short: "w", Long: "watch-groups", Env: "WATCH_GROUPS", Usage: "watch tunnel groups sources for updates", Bind: flagenv.Bool(&c.WatchGroups)},
+		{Long: "groups-poll-interval", Env: "GROUPS_POLL_INTERVAL", Kind: "DURATION", Default: "10s", Usage: "how often a watched http(s) groups source is polled", Bind: flagenv.Duration(&c.GroupsPoll)},
+		{Long: "management-address", Env: "MANAGEMENT_ADDRESS", Kind: "STRING", Usage: "HTTP address for management API (/metrics, /healthz, /readyz)", Bind: flagenv.String(&c.ManagementAddress)},
+		{Long: "max-idle-timeout", Env: "MAX_IDLE_TIMEOUT", Kind: "DURATION", Default: "1m0s", Usage: "maximum time a connection can be idle", Bind: flagenv.Duration(&c.MaxIdleTimeout)},
+		{Long: "keep-alive-period", Env: "KEEP_ALIVE_PERIOD", Kind: "DURATION", Default: "30s", Usage: "period between keep-alive events", Bind: flagenv.Duration(&c.KeepAlivePeriod)},
+		{Long: "https-address", Env: "HTTPS_ADDRESS", Kind: "STRING", Usage: "address for serving HTTPS (HTTP/1.1 and HTTP/2) requests; off when empty", Bind: flagenv.String(&c.HTTPSAddress)},
+		{Long: "https-certificate-path", Env: "HTTPS_CERTIFICATE_PATH", Kind: "STRING", Usage: "TLS certificate PEM file of the HTTPS frontend (default: --certificate-path)", Bind: flagenv.String(&c.HTTPSCertificatePath)},
+		{Long: "https-private-key-path", Env: "HTTPS_PRIVATE_KEY_PATH", Kind: "STRING", Usage: "TLS private key PEM file of the HTTPS frontend (default: --private-key-path)", Bind: flagenv.String(&c.HTTPSPrivateKeyPath)},
+		{Long: "trust-forwarded-headers", Env: "TRUST_FORWARDED_HEADERS", Usage: "route by X-Forwarded-Host and extend X-Forwarded-* (only behind a trusted proxy)", Bind: flagenv.Bool(&c.TrustForwardedHeaders)},
+		{Long: "max-header-bytes", Env: "MAX_HEADER_BYTES", Kind: "INT", Default: "65536", Usage: "largest request header the frontends accept", Bind: flagenv.Int(&c.MaxHeaderBytes)},
+		{Long: "max-requests-per-member", Env: "MAX_REQUESTS_PER_MEMBER", Kind: "INT", Usage: "requests in flight per tunnel member before requests queue (default: 0, no limit)", Bind: flagenv.Int(&c.MaxRequestsPerMember)},
+		{Long: "queue-timeout", Env: "QUEUE_TIMEOUT", Kind: "DURATION", Default: "1s", Usage: "how long a request waits for a member below its limit before a 503", Bind: flagenv.Duration(&c.QueueTimeout)},
+		{Long: "registration-rate", Env: "REGISTRATION_RATE", Kind: "FLOAT", Default: "50", Usage: "tunnel registrations per second allowed from one IP address, 0 for no limit", Bind: flagenv.Float(&c.RegistrationRate)},
+		{Long: "registration-burst", Env: "REGISTRATION_BURST", Kind: "INT", Default: "200", Usage: "burst of registrations allowed from one IP address", Bind: flagenv.Int(&c.RegistrationBurst)},
+		{Long: "shutdown-timeout", Env: "SHUTDOWN_TIMEOUT", Kind: "DURATION", Default: "15s", Usage: "time allowed for in-flight requests to finish on SIGTERM", Bind: flagenv.Duration(&c.ShutdownTimeout)},
+		{Long: "external-auth-timeout", Env: "EXTERNAL_AUTH_TIMEOUT", Kind: "DURATION", Default: "3s", Usage: "timeout of one call to an external authentication endpoint", Bind: flagenv.Duration(&c.ExternalAuthTimeout)},
+		{Long: "external-auth-cache-size", Env: "EXTERNAL_AUTH_CACHE_SIZE", Kind: "INT", Default: "4096", Usage: "external authentication decisions kept in the LRU cache", Bind: flagenv.Int(&c.ExternalAuthCache)},
+		{Long: "external-auth-allow-ttl", Env: "EXTERNAL_AUTH_ALLOW_TTL", Kind: "DURATION", Default: "1m0s", Usage: "how long an allow from an external endpoint is cached", Bind: flagenv.Duration(&c.ExternalAuthAllowTTL)},
+		{Long: "external-auth-deny-ttl", Env: "EXTERNAL_AUTH_DENY_TTL", Kind: "DURATION", Default: "10s", Usage: "how long a deny from an external endpoint is cached", Bind: flagenv.Duration(&c.ExternalAuthDenyTTL)},
 	}
 }
 
 // ErrUsage marks configuration errors: the process should exit with
 // status 2 after printing it.
-var ErrUsage = errors.New("invalid configuration")
+var ErrUsage = flagenv.ErrUsage
 
-// ParseConfig reads the environment (through lookup, nil meaning the
-// process environment) and then args. -h and --help return flag.ErrHelp
-// after printing the usage to out.
+// ParseConfig reads environ (nil meaning the process environment) and then
+// args. -h and --help return flag.ErrHelp after printing the usage to out.
 func ParseConfig(args []string, environ map[string]string, out io.Writer) (*Config, error) {
 	var c Config
-	opts := env.Options{Prefix: EnvPrefix}
-	if environ != nil {
-		opts.Environment = environ
+	set := c.settings()
+	rest, err := set.Parse(&c, args, environ)
+	if errors.Is(err, flag.ErrHelp) {
+		fmt.Fprintf(out, "reverst: a load-balanced HTTP reverse tunnel over QUIC\n\nUSAGE\n  reverst [FLAGS]\n\nFLAGS\n")
+		set.PrintFlags(out)
+		return nil, err
 	}
-	if err := env.ParseWithOptions(&c, opts); err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrUsage, envError(err))
+	if err != nil {
+		return nil, err
 	}
-
-	fs := flag.NewFlagSet("reverst", flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	options := c.options()
-	for _, o := range options {
-		if o.short != "" {
-			o.bind(fs, o.short)
-		}
-		o.bind(fs, o.long)
+	if len(rest) > 0 {
+		return nil, fmt.Errorf("%w: unexpected arguments %q (see reverst -h)", ErrUsage, rest)
 	}
-	if err := fs.Parse(args); err != nil {
-		if errors.Is(err, flag.ErrHelp) {
-			printUsage(out, options)
-			return nil, err
-		}
-		return nil, fmt.Errorf("%w: %w (see reverst -h)", ErrUsage, err)
-	}
-	if fs.NArg() > 0 {
-		return nil, fmt.Errorf("%w: unexpected arguments %q (see reverst -h)", ErrUsage, fs.Args())
-	}
-	if err := c.validate(options); err != nil {
+	if err := c.validate(); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrUsage, err)
 	}
 	return &c, nil
 }
 
-// envError names the environment variable behind each parse error; the
-// library only knows the Go field.
-func envError(err error) error {
-	var agg env.AggregateError
-	if !errors.As(err, &agg) {
-		return err
-	}
-	t := reflect.TypeFor[Config]()
-	var errs []error
-	for _, e := range agg.Errors {
-		var pe env.ParseError
-		if errors.As(e, &pe) {
-			if f, ok := t.FieldByName(pe.Name); ok {
-				errs = append(errs, fmt.Errorf("%s%s: %w", EnvPrefix, f.Tag.Get("env"), pe.Err))
-				continue
-			}
-		}
-		errs = append(errs, e)
-	}
-	return errors.Join(errs...)
+func (c *Config) settings() *flagenv.Set {
+	return &flagenv.Set{Command: "reverst", Prefix: EnvPrefix, Options: c.options()}
 }
 
-func (c *Config) validate(options []option) error {
+func (c *Config) validate() error {
 	var errs []error
-	values := map[string]string{"server-name": c.ServerName, "private-key-path": c.PrivateKeyPath, "certificate-path": c.CertificatePath}
-	for _, o := range options {
-		if o.required && values[o.long] == "" {
-			errs = append(errs, fmt.Errorf("missing required setting %s (flag -%s/--%s or env %s%s)", o.long, o.short, o.long, EnvPrefix, o.env))
-		}
-	}
 	if _, err := c.level(); err != nil {
 		errs = append(errs, err)
 	}
@@ -208,42 +140,9 @@ func (c *Config) validate(options []option) error {
 }
 
 func (c *Config) level() (slog.Level, error) {
-	var l slog.Level
-	switch strings.ToLower(c.Log) {
-	case "debug":
-		l = slog.LevelDebug
-	case "info":
-		l = slog.LevelInfo
-	case "warn", "warning":
-		l = slog.LevelWarn
-	case "error":
-		l = slog.LevelError
-	default:
-		return 0, fmt.Errorf("--log (%sLOG): %q is not one of debug, info, warn, error", EnvPrefix, c.Log)
+	l, err := flagenv.Level(c.Log)
+	if err != nil {
+		return 0, fmt.Errorf("--log (%sLOG): %w", EnvPrefix, err)
 	}
 	return l, nil
-}
-
-func printUsage(out io.Writer, options []option) {
-	fmt.Fprintf(out, "reverst: a load-balanced HTTP reverse tunnel over QUIC\n\n")
-	fmt.Fprintf(out, "USAGE\n  reverst [FLAGS]\n\nFLAGS\n")
-	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-	for _, o := range options {
-		name := "    --" + o.long
-		if o.short != "" {
-			name = "-" + o.short + ", --" + o.long
-		}
-		if o.kind != "BOOL" {
-			name += " " + o.kind
-		}
-		usage := o.usage
-		switch {
-		case o.required:
-			usage += " (required)"
-		case o.def != "":
-			usage += " (default: " + o.def + ")"
-		}
-		fmt.Fprintf(tw, "  %s\t%s [$%s%s]\n", name, usage, EnvPrefix, o.env)
-	}
-	_ = tw.Flush()
 }

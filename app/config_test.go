@@ -109,13 +109,13 @@ func TestHelpListsEveryFlagAndEnv(t *testing.T) {
 	}
 	var c Config
 	for _, o := range c.options() {
-		for _, w := range []string{"--" + o.long, "$REVERST_" + o.env} {
+		for _, w := range []string{"--" + o.Long, "$REVERST_" + o.Env} {
 			if !strings.Contains(out.String(), w) {
 				t.Errorf("usage lacks %s", w)
 			}
 		}
-		if o.short != "" && !strings.Contains(out.String(), "-"+o.short+", --"+o.long) {
-			t.Errorf("usage lacks -%s", o.short)
+		if o.Short != "" && !strings.Contains(out.String(), "-"+o.Short+", --"+o.Long) {
+			t.Errorf("usage lacks -%s", o.Short)
 		}
 	}
 }

@@ -11,14 +11,11 @@ import (
 	"net"
 	"net/url"
 	"os"
-	"reflect"
 	"strings"
-	"text/tabwriter"
 	"time"
 
-	"github.com/caarlos0/env/v11"
-
 	"github.com/reverst-dev/reverst/client"
+	"github.com/reverst-dev/reverst/internal/flagenv"
 )
 
 // envPrefix starts the name of every environment variable the command
@@ -52,107 +49,44 @@ type config struct {
 	target *url.URL
 }
 
-// option describes one setting: its flags, its env var and its help.
-type option struct {
-	short, long string
-	env         string
-	kind        string // value placeholder in the usage; "" for a switch
-	def         string
-	usage       string
-	bind        func(fs *flag.FlagSet, name string)
-}
-
-func (c *config) options() []option {
-	str := func(p *string) func(*flag.FlagSet, string) {
-		return func(fs *flag.FlagSet, name string) { fs.StringVar(p, name, *p, "") }
-	}
-	boolean := func(p *bool) func(*flag.FlagSet, string) {
-		return func(fs *flag.FlagSet, name string) { fs.BoolVar(p, name, *p, "") }
-	}
-	dur := func(p *time.Duration) func(*flag.FlagSet, string) {
-		return func(fs *flag.FlagSet, name string) { fs.DurationVar(p, name, *p, "") }
-	}
-	return []option{
-		{short: "a", long: "tunnel-address", env: "TUNNEL_ADDRESS", kind: "HOST:PORT", def: "127.0.0.1:7171", usage: "tunnel server (QUIC) address; a name is resolved to all its addresses and every one is joined", bind: str(&c.TunnelAddress)},
-		{short: "g", long: "group", env: "TUNNEL_GROUP", kind: "NAME", usage: "tunnel group to join (required)", bind: str(&c.Group)},
-		{short: "n", long: "server-name", env: "SERVER_NAME", kind: "NAME", def: "host of --tunnel-address", usage: "name the tunnel server's certificate must cover", bind: str(&c.ServerName)},
-		{long: "ca", env: "CA_FILE", kind: "FILE", def: "system roots", usage: "PEM file of the CA certificates that verify the tunnel server", bind: str(&c.CAFile)},
-		{long: "insecure", env: "INSECURE_SKIP_VERIFY", usage: "do not verify the tunnel server's certificate (DANGEROUS: credentials and traffic can be intercepted)", bind: boolean(&c.Insecure)},
-		{short: "u", long: "username", env: "USERNAME", kind: "USER", usage: "basic authentication user name", bind: str(&c.Username)},
-		{short: "p", long: "password", env: "PASSWORD", kind: "PASSWORD", usage: "basic authentication password (prefer the env var: flags show in ps)", bind: str(&c.Password)},
-		{short: "t", long: "token", env: "TOKEN", kind: "TOKEN", usage: "bearer token (prefer the env var: flags show in ps)", bind: str(&c.Token)},
-		{long: "host-header", env: "HOST_HEADER", kind: "MODE", def: hostPreserve, usage: "Host sent to the local service: preserve (the visitor's), rewrite (the target's) or a literal host", bind: str(&c.HostHeader)},
-		{long: "shutdown-timeout", env: "SHUTDOWN_TIMEOUT", kind: "DURATION", def: "15s", usage: "time requests in flight get to finish on SIGINT/SIGTERM", bind: dur(&c.ShutdownTimeout)},
-		{short: "l", long: "log", env: "LOG", kind: "LEVEL", def: "info", usage: "debug (logs every request), info, warn or error", bind: str(&c.Log)},
+func (c *config) options() []flagenv.Option {
+	return []flagenv.Option{
+		{Short: "a", Long: "tunnel-address", Env: "TUNNEL_ADDRESS", Kind: "HOST:PORT", Default: "127.0.0.1:7171", Usage: "tunnel server (QUIC) address; a name is resolved to all its addresses and every one is joined", Bind: flagenv.String(&c.TunnelAddress)},
+		{Short: "g", Long: "group", Env: "TUNNEL_GROUP", Kind: "NAME", Usage: "tunnel group to join (required)", Bind: flagenv.String(&c.Group)},
+		{Short: "n", Long: "server-name", Env: "SERVER_NAME", Kind: "NAME", Default: "host of --tunnel-address", Usage: "name the tunnel server's certificate must cover", Bind: flagenv.String(&c.ServerName)},
+		{Long: "ca", Env: "CA_FILE", Kind: "FILE", Default: "system roots", Usage: "PEM file of the CA certificates that verify the tunnel server", Bind: flagenv.String(&c.CAFile)},
+		{Long: "insecure", Env: "INSECURE_SKIP_VERIFY", Usage: "do not verify the tunnel server's certificate (DANGEROUS: credentials and traffic can be intercepted)", Bind: flagenv.Bool(&c.Insecure)},
+		{Short: "u", Long: "username", Env: "USERNAME", Kind: "USER", Usage: "basic authentication user name", Bind: flagenv.String(&c.Username)},
+		{Short: "p", Long: "password", Env: "PASSWORD", Kind: "PASSWORD", Usage: "basic authentication password (prefer the env var: flags show in ps)", Bind: flagenv.String(&c.Password)},
+		{Short: "t", Long: "token", Env: "TOKEN", Kind: "TOKEN", Usage: "bearer token (prefer the env var: flags show in ps)", Bind: flagenv.String(&c.Token)},
+		{Long: "host-header", Env: "HOST_HEADER", Kind: "MODE", Default: hostPreserve, Usage: "Host sent to the local service: preserve (the visitor's), rewrite (the target's) or a literal host", Bind: flagenv.String(&c.HostHeader)},
+		{Long: "shutdown-timeout", Env: "SHUTDOWN_TIMEOUT", Kind: "DURATION", Default: "15s", Usage: "time requests in flight get to finish on SIGINT/SIGTERM", Bind: flagenv.Duration(&c.ShutdownTimeout)},
+		{Short: "l", Long: "log", Env: "LOG", Kind: "LEVEL", Default: "info", Usage: "debug (logs every request), info, warn or error", Bind: flagenv.String(&c.Log)},
 	}
 }
 
 // errUsage marks configuration errors: exit status 2.
-var errUsage = errors.New("invalid configuration")
+var errUsage = flagenv.ErrUsage
 
 // parseConfig reads environ (nil meaning the process environment), then
 // args. -h and --help print the usage to out and return flag.ErrHelp.
 // Flags and the two arguments may come in any order.
 func parseConfig(args []string, environ map[string]string, out io.Writer) (*config, error) {
 	var c config
-	opts := env.Options{Prefix: envPrefix}
-	if environ != nil {
-		opts.Environment = environ
+	set := &flagenv.Set{Command: "reverst-tunnel", Prefix: envPrefix, Options: c.options()}
+	positional, err := set.Parse(&c, args, environ)
+	if errors.Is(err, flag.ErrHelp) {
+		fmt.Fprint(out, usageHeader)
+		set.PrintFlags(out)
+		return nil, err
 	}
-	if err := env.ParseWithOptions(&c, opts); err != nil {
-		return nil, fmt.Errorf("%w: %w", errUsage, envError(err))
-	}
-
-	fs := flag.NewFlagSet("reverst-tunnel", flag.ContinueOnError)
-	fs.SetOutput(io.Discard)
-	options := c.options()
-	for _, o := range options {
-		if o.short != "" {
-			o.bind(fs, o.short)
-		}
-		o.bind(fs, o.long)
-	}
-	var positional []string
-	for rest := args; ; {
-		if err := fs.Parse(rest); err != nil {
-			if errors.Is(err, flag.ErrHelp) {
-				printUsage(out, options)
-				return nil, err
-			}
-			return nil, fmt.Errorf("%w: %w (see reverst-tunnel -h)", errUsage, err)
-		}
-		rest = fs.Args()
-		if len(rest) == 0 {
-			break
-		}
-		positional, rest = append(positional, rest[0]), rest[1:]
+	if err != nil {
+		return nil, err
 	}
 	if err := c.validate(positional); err != nil {
 		return nil, fmt.Errorf("%w: %w (see reverst-tunnel -h)", errUsage, err)
 	}
 	return &c, nil
-}
-
-// envError names the environment variable behind each parse error; the
-// library only knows the Go field.
-func envError(err error) error {
-	var agg env.AggregateError
-	if !errors.As(err, &agg) {
-		return err
-	}
-	t := reflect.TypeFor[config]()
-	var errs []error
-	for _, e := range agg.Errors {
-		var pe env.ParseError
-		if errors.As(e, &pe) {
-			if f, ok := t.FieldByName(pe.Name); ok {
-				errs = append(errs, fmt.Errorf("%s%s: %w", envPrefix, f.Tag.Get("env"), pe.Err))
-				continue
-			}
-		}
-		errs = append(errs, e)
-	}
-	return errors.Join(errs...)
 }
 
 func (c *config) validate(args []string) error {
@@ -221,17 +155,11 @@ func parseTarget(s string) (*url.URL, error) {
 }
 
 func (c *config) level() (slog.Level, error) {
-	switch strings.ToLower(c.Log) {
-	case "debug":
-		return slog.LevelDebug, nil
-	case "info":
-		return slog.LevelInfo, nil
-	case "warn", "warning":
-		return slog.LevelWarn, nil
-	case "error":
-		return slog.LevelError, nil
+	l, err := flagenv.Level(c.Log)
+	if err != nil {
+		return 0, fmt.Errorf("--log (%sLOG): %w", envPrefix, err)
 	}
-	return 0, fmt.Errorf("--log (%sLOG): %q is not one of debug, info, warn, error", envPrefix, c.Log)
+	return l, nil
 }
 
 // tlsConfig verifies the tunnel server with --ca (or the system roots) as
@@ -263,8 +191,7 @@ func (c *config) authenticator() client.Authenticator {
 	return nil
 }
 
-func printUsage(out io.Writer, options []option) {
-	fmt.Fprint(out, `reverst-tunnel: expose a local HTTP service through a reverst tunnel group
+const usageHeader = `reverst-tunnel: expose a local HTTP service through a reverst tunnel group
 
 USAGE
   reverst-tunnel [FLAGS] http TARGET
@@ -283,21 +210,4 @@ EXAMPLES
   REVERST_TOKEN=... reverst-tunnel -a reverst-headless.ns.svc:7171 -n tunnel.example.com -g g --ca ca.pem http localhost:3000
 
 FLAGS
-`)
-	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-	for _, o := range options {
-		name := "    --" + o.long
-		if o.short != "" {
-			name = "-" + o.short + ", --" + o.long
-		}
-		if o.kind != "" {
-			name += " " + o.kind
-		}
-		usage := o.usage
-		if o.def != "" {
-			usage += " (default: " + o.def + ")"
-		}
-		fmt.Fprintf(tw, "  %s\t%s [$%s%s]\n", name, usage, envPrefix, o.env)
-	}
-	_ = tw.Flush()
-}
+`

@@ -93,13 +93,13 @@ func TestUsageListsEveryFlagAndEnv(t *testing.T) {
 	}
 	usage := out.String()
 	for _, o := range (&config{}).options() {
-		for _, want := range []string{"--" + o.long, "$" + envPrefix + o.env} {
+		for _, want := range []string{"--" + o.Long, "$" + envPrefix + o.Env} {
 			if !strings.Contains(usage, want) {
 				t.Errorf("usage lacks %q", want)
 			}
 		}
-		if o.short != "" && !strings.Contains(usage, "-"+o.short+", --"+o.long) {
-			t.Errorf("usage lacks -%s", o.short)
+		if o.Short != "" && !strings.Contains(usage, "-"+o.Short+", --"+o.Long) {
+			t.Errorf("usage lacks -%s", o.Short)
 		}
 	}
 	for _, want := range []string{"REVERST_TUNNEL_ADDRESS", "REVERST_TUNNEL_GROUP", "REVERST_SERVER_NAME", "REVERST_CA_FILE",
