@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
@@ -216,5 +217,29 @@ func TestRunRejectsInvalidGroups(t *testing.T) {
 	err = Run(context.Background(), cfg, slog.New(slog.DiscardHandler))
 	if err == nil || !strings.Contains(err.Error(), `group "svc"`) || !strings.Contains(err.Error(), "basic.password") {
 		t.Fatalf("got %v, want an error naming the group and field", err)
+	}
+}
+
+func TestHealthcheck(t *testing.T) {
+	ok := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/readyz" {
+			http.Error(w, "not ready", http.StatusServiceUnavailable)
+		}
+	}))
+	defer ok.Close()
+	var stderr strings.Builder
+	if code := Healthcheck(context.Background(), []string{ok.URL + "/readyz"}, &stderr); code != 0 {
+		t.Fatalf("ready server: exit %d, %s", code, stderr.String())
+	}
+	if code := Healthcheck(context.Background(), []string{ok.URL + "/other"}, &stderr); code != 1 {
+		t.Fatalf("unready server: exit %d", code)
+	}
+	t.Setenv("REVERST_MANAGEMENT_ADDRESS", "0.0.0.0:"+strings.Split(ok.URL, ":")[2])
+	if code := Healthcheck(context.Background(), nil, &stderr); code != 0 {
+		t.Fatalf("from env: exit %d, %s", code, stderr.String())
+	}
+	t.Setenv("REVERST_MANAGEMENT_ADDRESS", "")
+	if code := Healthcheck(context.Background(), nil, &stderr); code != 2 {
+		t.Fatalf("nothing to probe: exit %d", code)
 	}
 }
