@@ -30,7 +30,7 @@ type Config struct {
 	ManagementAddress string        `env:"MANAGEMENT_ADDRESS"`
 	MaxIdleTimeout    time.Duration `env:"MAX_IDLE_TIMEOUT" envDefault:"1m"`
 	KeepAlivePeriod   time.Duration `env:"KEEP_ALIVE_PERIOD" envDefault:"30s"`
-	ShutdownTimeout   time.Duration `env:"SHUTDOWN_TIMEOUT" envDefault:"15s"`
+	ShutdownTimeout   time.Duration `env:"SHUTDOWN_TIMEOUT" envDefault:"8s"`
 
 	HTTPSAddress          string `env:"HTTPS_ADDRESS"`
 	HTTPSCertificatePath  string `env:"HTTPS_CERTIFICATE_PATH"`
@@ -72,7 +72,7 @@ func (c *Config) options() []flagenv.Option {
 		{Long: "queue-timeout", Env: "QUEUE_TIMEOUT", Kind: "DURATION", Default: "1s", Usage: "how long a request waits for a member below its limit before a 503", Bind: flagenv.Duration(&c.QueueTimeout)},
 		{Long: "registration-rate", Env: "REGISTRATION_RATE", Kind: "FLOAT", Default: "50", Usage: "tunnel registrations per second allowed from one IP address, 0 for no limit", Bind: flagenv.Float(&c.RegistrationRate)},
 		{Long: "registration-burst", Env: "REGISTRATION_BURST", Kind: "INT", Default: "200", Usage: "burst of registrations allowed from one IP address", Bind: flagenv.Int(&c.RegistrationBurst)},
-		{Long: "shutdown-timeout", Env: "SHUTDOWN_TIMEOUT", Kind: "DURATION", Default: "15s", Usage: "time allowed for in-flight requests to finish on SIGTERM", Bind: flagenv.Duration(&c.ShutdownTimeout)},
+		{Long: "shutdown-timeout", Env: "SHUTDOWN_TIMEOUT", Kind: "DURATION", Default: "8s", Usage: "time allowed for in-flight requests to finish on SIGTERM (keep it under the grace period of docker stop, 10s by default)", Bind: flagenv.Duration(&c.ShutdownTimeout)},
 		{Long: "external-auth-timeout", Env: "EXTERNAL_AUTH_TIMEOUT", Kind: "DURATION", Default: "3s", Usage: "timeout of one call to an external authentication endpoint", Bind: flagenv.Duration(&c.ExternalAuthTimeout)},
 		{Long: "external-auth-cache-size", Env: "EXTERNAL_AUTH_CACHE_SIZE", Kind: "INT", Default: "4096", Usage: "external authentication decisions kept in the LRU cache", Bind: flagenv.Int(&c.ExternalAuthCache)},
 		{Long: "external-auth-allow-ttl", Env: "EXTERNAL_AUTH_ALLOW_TTL", Kind: "DURATION", Default: "1m0s", Usage: "how long an allow from an external endpoint is cached", Bind: flagenv.Duration(&c.ExternalAuthAllowTTL)},

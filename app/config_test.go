@@ -20,7 +20,7 @@ func TestParseConfigDefaults(t *testing.T) {
 		Log: "info", TunnelAddress: "127.0.0.1:7171", HTTPAddress: "0.0.0.0:8181",
 		ServerName: "flipt.dev.local", PrivateKeyPath: "key.pem", CertificatePath: "cert.pem",
 		TunnelGroups: "groups.yml", MaxIdleTimeout: time.Minute, KeepAlivePeriod: 30 * time.Second,
-		ShutdownTimeout: 15 * time.Second, ExternalAuthTimeout: 3 * time.Second, ExternalAuthCache: 4096,
+		ShutdownTimeout: 8 * time.Second, ExternalAuthTimeout: 3 * time.Second, ExternalAuthCache: 4096,
 		ExternalAuthAllowTTL: time.Minute, ExternalAuthDenyTTL: 10 * time.Second, MaxHeaderBytes: 65536, GroupsPoll: 10 * time.Second,
 		QueueTimeout: time.Second, RegistrationRate: 50, RegistrationBurst: 200,
 	}
