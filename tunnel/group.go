@@ -4,7 +4,6 @@ import (
 	"context"
 	"math/rand/v2"
 	"net"
-	"net/http/httputil"
 	"slices"
 	"strings"
 	"sync"
@@ -87,7 +86,6 @@ type group struct {
 	next    atomic.Uint32
 	// freed wakes one request waiting for a member below its limit.
 	freed chan struct{}
-	proxy *httputil.ReverseProxy
 }
 
 // authBox lets a nil Authenticator live behind an atomic.Pointer.
@@ -96,7 +94,6 @@ type authBox struct{ Authenticator }
 func (s *Server) newGroup(name string) *group {
 	g := &group{name: name, freed: make(chan struct{}, 1)}
 	g.members.Store(&[]*member{})
-	g.proxy = s.newProxy(g)
 	return g
 }
 

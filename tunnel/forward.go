@@ -1,0 +1,417 @@
+package tunnel
+
+import (
+	"context"
+	"errors"
+	"io"
+	"mime"
+	"net"
+	"net/http"
+	"net/http/httptrace"
+	"net/textproto"
+	"net/url"
+	"strings"
+	"sync/atomic"
+
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/http3"
+	"golang.org/x/net/http/httpguts"
+)
+
+// forward proxies r to a member of g. It behaves as httputil.ReverseProxy
+// with the server's rewrite (hop-by-hop headers dropped, X-Forwarded-*
+// set, the visitor's Host kept, trailers and 1xx responses passed on) but
+// costs less per request: it builds the outgoing request directly instead
+// of cloning r, sends body-less requests on a request stream without the
+// transport's per-request goroutine, and flushes only responses that
+// stream (unknown length, server-sent events).
+//
+// It returns the status the visitor got. abort is set when the response
+// broke off after its header was sent; the caller then panics with
+// http.ErrAbortHandler, so that the visitor sees a cut connection rather
+// than a complete-looking response.
+func (s *Server) forward(w http.ResponseWriter, r *http.Request, g *group) (status int, abort bool) {
+	s.proxyOnce.Do(s.initProxy)
+	ctx := r.Context()
+	out := s.outgoing(r)
+	if out.Body != nil {
+		// The transport may read on after this handler has returned.
+		defer out.Body.Close()
+	}
+	var tried *member
+	for attempt := 0; ; attempt++ {
+		m, err := s.acquire(ctx, g, tried)
+		if err != nil {
+			if tried != nil && errors.Is(err, errNoMember) {
+				err = errMemberGone
+			}
+			return s.proxyError(w, r, g, err), false
+		}
+		res, stop, err := s.exchange(ctx, w, m, out)
+		if err != nil {
+			g.release(m)
+			// The member's connection died before answering: a request
+			// without a body cannot have been consumed in part, so it is
+			// sent once more, to another member.
+			if attempt == 0 && m.conn.Context().Err() != nil && out.Body == nil && ctx.Err() == nil {
+				tried = m
+				continue
+			}
+			if ctx.Err() != nil {
+				err = ctx.Err()
+			}
+			return s.proxyError(w, r, g, err), false
+		}
+		abort = s.respond(w, g, res)
+		_ = res.Body.Close()
+		if stop != nil {
+			stop()
+		}
+		g.release(m)
+		return res.StatusCode, abort
+	}
+}
+
+var errMemberGone = errors.New("member connection lost")
+
+// max1xx bounds the informational responses passed on for one request, as
+// the HTTP/3 transport does.
+const max1xx = 5
+
+// exchange sends out to m and returns the final response. A body-less
+// request goes on a request stream of its own, cancelled by stop's
+// registration when the visitor leaves; stop must be called once the
+// response is done with. A request with a body needs the transport, which
+// sends the body in the background.
+func (s *Server) exchange(ctx context.Context, w http.ResponseWriter, m *member, out *http.Request) (res *http.Response, stop func() bool, err error) {
+	if out.Body != nil {
+		return s.roundTrip(ctx, w, m, out)
+	}
+	str, err := m.cc.OpenRequestStream(ctx)
+	if err != nil {
+		return nil, nil, err
+	}
+	stop = context.AfterFunc(ctx, func() {
+		str.CancelWrite(quic.StreamErrorCode(http3.ErrCodeRequestCanceled))
+		str.CancelRead(quic.StreamErrorCode(http3.ErrCodeRequestCanceled))
+	})
+	res, err = readFinal(w, str, out)
+	if err != nil {
+		stop()
+		str.CancelWrite(quic.StreamErrorCode(http3.ErrCodeRequestCanceled))
+		str.CancelRead(quic.StreamErrorCode(http3.ErrCodeRequestCanceled))
+		return nil, nil, err
+	}
+	return res, stop, nil
+}
+
+// readFinal sends out on str and reads the member's final response,
+// passing informational ones on to the visitor.
+func readFinal(w http.ResponseWriter, str *http3.RequestStream, out *http.Request) (*http.Response, error) {
+	if err := str.SendRequestHeader(out); err != nil {
+		return nil, err
+	}
+	// The request is out; closing only ends it. A member that answered
+	// before the end arrived may have stopped reading already, which fails
+	// Close and nothing else, as in the transport's RoundTrip.
+	_ = str.Close()
+	for n := 0; ; n++ {
+		res, err := str.ReadResponse()
+		if err != nil {
+			return nil, err
+		}
+		if res.StatusCode < 100 || res.StatusCode > 199 {
+			return res, nil
+		}
+		if res.StatusCode == http.StatusSwitchingProtocols || n == max1xx {
+			return nil, errBad1xx
+		}
+		pass1xx(w, res.StatusCode, res.Header)
+	}
+}
+
+var errBad1xx = errors.New("member answered with too many or unexpected 1xx responses")
+
+// roundTrip sends a request with a body through the transport. 1xx
+// responses reach the visitor through a trace hook, which the transport
+// calls on this goroutine before RoundTrip returns.
+func (s *Server) roundTrip(ctx context.Context, w http.ResponseWriter, m *member, out *http.Request) (*http.Response, func() bool, error) {
+	trace := &httptrace.ClientTrace{
+		Got1xxResponse: func(code int, header textproto.MIMEHeader) error {
+			pass1xx(w, code, http.Header(header))
+			return nil
+		},
+	}
+	res, err := m.cc.RoundTrip(out.WithContext(httptrace.WithClientTrace(ctx, trace)))
+	if err != nil {
+		return nil, nil, err
+	}
+	if res.StatusCode == http.StatusSwitchingProtocols {
+		_ = res.Body.Close()
+		return nil, nil, errBad1xx
+	}
+	return res, nil, nil
+}
+
+// pass1xx sends an informational response to the visitor. The header map
+// is cleared afterwards: unlike a final response, a 1xx one does not
+// consume it.
+func pass1xx(w http.ResponseWriter, code int, header http.Header) {
+	h := w.Header()
+	for k, vv := range header {
+		h[k] = append(h[k], vv...)
+	}
+	w.WriteHeader(code)
+	clear(h)
+}
+
+// respond copies res to the visitor and reports whether it broke off after
+// the header was sent. The caller closes res.Body.
+func (s *Server) respond(w http.ResponseWriter, g *group, res *http.Response) (abort bool) {
+	removeHopByHop(res.Header)
+	h := w.Header()
+	for k, vv := range res.Header {
+		if prior, ok := h[k]; ok {
+			h[k] = append(prior, vv...)
+		} else {
+			// res is ours alone: its values can be shared, not copied.
+			h[k] = vv
+		}
+	}
+	announced := len(res.Trailer)
+	if announced > 0 {
+		keys := make([]string, 0, announced)
+		for k := range res.Trailer {
+			keys = append(keys, k)
+		}
+		h.Add("Trailer", strings.Join(keys, ", "))
+	}
+	w.WriteHeader(res.StatusCode)
+
+	// A response of known length is written when the handler returns or
+	// the buffer fills; one that streams is flushed as it arrives, and its
+	// header at once, so that the visitor sees the stream begin.
+	var rc *http.ResponseController
+	if streams(res) {
+		rc = http.NewResponseController(w)
+		_ = rc.Flush()
+	}
+	buf := s.buffers.get()
+	defer s.buffers.put(buf)
+	for {
+		n, rerr := res.Body.Read(*buf)
+		if n > 0 {
+			if _, werr := w.Write((*buf)[:n]); werr != nil {
+				return true
+			}
+			if rc != nil {
+				_ = rc.Flush()
+			}
+		}
+		if rerr == io.EOF {
+			break
+		}
+		if rerr != nil {
+			if !errors.Is(rerr, context.Canceled) {
+				s.logger().Warn("reading the member's response", "group", g.name, "error", rerr)
+			}
+			return true
+		}
+	}
+	// The transport fills res.Trailer once the body has been read to its
+	// end.
+	if len(res.Trailer) == 0 {
+		return false
+	}
+	// Force chunking, so that net/http does not compute a Content-Length
+	// for a short body and drop the trailers.
+	if rc == nil {
+		rc = http.NewResponseController(w)
+	}
+	_ = rc.Flush()
+	if len(res.Trailer) == announced {
+		for k, vv := range res.Trailer {
+			h[k] = append(h[k], vv...)
+		}
+		return false
+	}
+	for k, vv := range res.Trailer {
+		k = http.TrailerPrefix + k
+		h[k] = append(h[k], vv...)
+	}
+	return false
+}
+
+// streams reports whether res is to be flushed as it arrives: server-sent
+// events and bodies of unknown length.
+func streams(res *http.Response) bool {
+	if res.ContentLength == -1 {
+		return true
+	}
+	ct := res.Header.Get("Content-Type")
+	if ct == "" {
+		return false
+	}
+	base, _, _ := mime.ParseMediaType(ct)
+	return base == "text/event-stream"
+}
+
+// outgoing builds the request sent to a member: r's method, target, Host
+// and end-to-end headers, with X-Forwarded-For, -Host and -Proto set as
+// httputil.ProxyRequest.SetXForwarded does (extended rather than replaced
+// when the server trusts them), Forwarded dropped, and no User-Agent added.
+// Header values are shared with r, never modified.
+func (s *Server) outgoing(r *http.Request) *http.Request {
+	in := r.Header
+	h := make(http.Header, len(in)+3)
+	for k, vv := range in {
+		if !isHopHeader(k) {
+			h[k] = vv
+		}
+	}
+	for _, f := range in["Connection"] {
+		for sf := range strings.SplitSeq(f, ",") {
+			if sf = textproto.TrimString(sf); sf != "" {
+				h.Del(sf)
+			}
+		}
+	}
+	// Tell the member that the visitor accepts trailers, as it asked.
+	if httpguts.HeaderValuesContainsToken(in["Te"], "trailers") {
+		h["Te"] = []string{"trailers"}
+	}
+	delete(h, "Forwarded")
+	delete(h, "X-Forwarded-For")
+	delete(h, "X-Forwarded-Host")
+	delete(h, "X-Forwarded-Proto")
+
+	if ip, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
+		if prior := in["X-Forwarded-For"]; s.TrustForwardedHeaders && len(prior) > 0 {
+			ip = strings.Join(prior, ", ") + ", " + ip
+		}
+		h["X-Forwarded-For"] = []string{ip}
+	}
+	if v, ok := in["X-Forwarded-Host"]; ok && s.TrustForwardedHeaders {
+		h["X-Forwarded-Host"] = v
+	} else {
+		h["X-Forwarded-Host"] = []string{r.Host}
+	}
+	if v, ok := in["X-Forwarded-Proto"]; ok && s.TrustForwardedHeaders {
+		h["X-Forwarded-Proto"] = v
+	} else if r.TLS == nil {
+		h["X-Forwarded-Proto"] = []string{"http"}
+	} else {
+		h["X-Forwarded-Proto"] = []string{"https"}
+	}
+	if _, ok := h["User-Agent"]; !ok {
+		// An empty value keeps the transport from adding its own.
+		h["User-Agent"] = []string{""}
+	}
+
+	u := *r.URL
+	u.Scheme = "https"
+	u.Host = r.Host
+	u.RawQuery = cleanQuery(u.RawQuery)
+	out := &http.Request{
+		Method:     r.Method,
+		URL:        &u,
+		Proto:      "HTTP/1.1",
+		ProtoMajor: 1,
+		ProtoMinor: 1,
+		Header:     h,
+		Host:       r.Host,
+	}
+	if r.ContentLength != 0 && r.Body != nil && r.Body != http.NoBody {
+		out.Body = &handlerBody{r: r.Body}
+		out.ContentLength = r.ContentLength
+		// The map is r's own: the server fills in the values once the
+		// body has been read, which is when the transport sends them.
+		out.Trailer = r.Trailer
+	}
+	return out
+}
+
+// isHopHeader reports whether the canonical header key k is hop-by-hop:
+// it describes one connection and is not forwarded.
+func isHopHeader(k string) bool {
+	switch k {
+	case "Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authenticate",
+		"Proxy-Authorization", "Te", "Trailer", "Transfer-Encoding", "Upgrade":
+		return true
+	}
+	return false
+}
+
+// removeHopByHop deletes the hop-by-hop headers of h, including those the
+// Connection header lists.
+func removeHopByHop(h http.Header) {
+	for _, f := range h["Connection"] {
+		for sf := range strings.SplitSeq(f, ",") {
+			if sf = textproto.TrimString(sf); sf != "" {
+				h.Del(sf)
+			}
+		}
+	}
+	for k := range h {
+		if isHopHeader(k) {
+			delete(h, k)
+		}
+	}
+}
+
+// cleanQuery drops the query parameters a member might parse differently
+// from the server (semicolons, bad escapes, too many), as
+// httputil.ReverseProxy does.
+func cleanQuery(s string) string {
+	reencode := func(s string) string {
+		v, _ := url.ParseQuery(s)
+		return v.Encode()
+	}
+	if strings.Count(s, "&")+1 > maxQueryParams {
+		return reencode(s)
+	}
+	for i := 0; i < len(s); {
+		switch s[i] {
+		case ';':
+			return reencode(s)
+		case '%':
+			if i+2 >= len(s) || !isHex(s[i+1]) || !isHex(s[i+2]) {
+				return reencode(s)
+			}
+			i += 3
+		default:
+			i++
+		}
+	}
+	return s
+}
+
+// maxQueryParams is net/url's default limit on query parameters.
+const maxQueryParams = 10000
+
+func isHex(c byte) bool {
+	return '0' <= c && c <= '9' || 'a' <= c && c <= 'f' || 'A' <= c && c <= 'F'
+}
+
+// handlerBody is the visitor's request body as the transport sees it. The
+// transport closes the body it sends and may read it after the handler has
+// returned, when the server has recycled it; Close therefore only cuts off
+// further reads, and the server closes the real body itself.
+type handlerBody struct {
+	r      io.ReadCloser
+	closed atomic.Bool
+}
+
+func (b *handlerBody) Read(p []byte) (int, error) {
+	if b.closed.Load() {
+		return 0, errBodyClosed
+	}
+	return b.r.Read(p)
+}
+
+func (b *handlerBody) Close() error {
+	b.closed.Store(true)
+	return nil
+}
+
+var errBodyClosed = errors.New("read on a closed request body")
