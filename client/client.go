@@ -147,6 +147,13 @@ type Server struct {
 	// handshake. Zero means DefaultRegisterTimeout.
 	RegisterTimeout time.Duration
 
+	// Transport, if set, carries every connection over its one UDP socket,
+	// which many Servers may share: a process holding thousands of tunnels
+	// then needs one socket instead of one each. If nil, each connection
+	// gets a socket of its own. The caller owns the Transport and closes it
+	// after the Servers are done.
+	Transport *quic.Transport
+
 	// RetryNotFound makes DialAndServe treat an unknown tunnel group like
 	// any other failure and keep retrying, for groups that appear when the
 	// server reloads its configuration. By default it returns ErrNotFound.
@@ -360,8 +367,20 @@ func (s *Server) Close() error {
 }
 
 // connect dials addr and registers. The returned connection is tracked.
+// dial opens a QUIC connection, on s.Transport's socket when there is one.
+func (s *Server) dial(ctx context.Context, addr string, tlsConf *tls.Config, quicConf *quic.Config) (*quic.Conn, error) {
+	if s.Transport == nil {
+		return quic.DialAddr(ctx, addr, tlsConf, quicConf)
+	}
+	udpAddr, err := net.ResolveUDPAddr("udp", addr)
+	if err != nil {
+		return nil, err
+	}
+	return s.Transport.Dial(ctx, udpAddr, tlsConf, quicConf)
+}
+
 func (s *Server) connect(ctx context.Context, addr string, tlsConf *tls.Config, quicConf *quic.Config) (*tunnelConn, error) {
-	conn, err := quic.DialAddr(ctx, addr, tlsConf, quicConf)
+	conn, err := s.dial(ctx, addr, tlsConf, quicConf)
 	if err != nil {
 		return nil, fmt.Errorf("dialing: %w", err)
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"net/http"
 	"slices"
 	"testing"
@@ -480,5 +481,31 @@ func TestUntrustedServerIsRetried(t *testing.T) {
 	}
 	if n := ts.attempts.Load(); n != 0 {
 		t.Errorf("register requests = %d over an unverified connection", n)
+	}
+}
+
+func TestSharedTransport(t *testing.T) {
+	ts := newTunnelServer(t)
+	udp, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tr := &quic.Transport{Conn: udp}
+	t.Cleanup(func() { tr.Close() })
+	var ms []*member
+	for range 2 {
+		srv, _ := newClient(ts)
+		srv.Transport = tr
+		_, cancel := serve(t, srv, ts.addr)
+		t.Cleanup(cancel)
+		ms = append(ms, ts.member(t))
+	}
+	for _, m := range ms {
+		if got := m.conn.RemoteAddr().String(); got != udp.LocalAddr().String() {
+			t.Errorf("registration came from %s, want the shared socket %s", got, udp.LocalAddr())
+		}
+		if code, body := m.mustGet(t, "/x"); code != http.StatusOK {
+			t.Errorf("GET /x = %d %q", code, body)
+		}
 	}
 }
