@@ -14,7 +14,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log"
 	"log/slog"
 	"slices"
 	"strings"
@@ -78,7 +77,6 @@ type Server struct {
 	proxyOnce sync.Once
 	h3        *http3.Transport
 	buffers   *bufferPool
-	errorLog  *log.Logger
 }
 
 func (s *Server) logger() *slog.Logger {

@@ -248,9 +248,8 @@ func TestDeadMemberDroppedAfterAnnouncedKeepAlive(t *testing.T) {
 	e := startServer(t, tunnel.Group{Name: "g", Hosts: []string{"g.example"}})
 	_, udp := e.registerRaw(t, "g", map[string]string{protocol.MetadataKeepAlive: "100ms"},
 		&quic.Config{KeepAlivePeriod: 100 * time.Millisecond, MaxIdleTimeout: 10 * time.Second})
-	if n := e.srv.Members()["g"]; n != 1 {
-		t.Fatalf("members %d", n)
-	}
+	// The response is written before the member joins the group.
+	e.waitMembers(t, "g", func(n int) bool { return n == 1 })
 	// Alive and idle: the keep-alives keep it a member.
 	time.Sleep(600 * time.Millisecond)
 	if n := e.srv.Members()["g"]; n != 1 {
@@ -273,6 +272,7 @@ func TestSilentOlderMemberKept(t *testing.T) {
 	e := startServer(t, tunnel.Group{Name: "g", Hosts: []string{"g.example"}})
 	// No announcement and no keep-alives: only the idle timeout applies.
 	e.registerRaw(t, "g", nil, &quic.Config{MaxIdleTimeout: 10 * time.Second})
+	e.waitMembers(t, "g", func(n int) bool { return n == 1 })
 	time.Sleep(1500 * time.Millisecond)
 	if n := e.srv.Members()["g"]; n != 1 {
 		t.Fatalf("older member without keep-alive dropped: members %d", n)
