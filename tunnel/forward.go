@@ -53,7 +53,7 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, g *group) (stat
 			// The member's connection died before answering: a request
 			// without a body cannot have been consumed in part, so it is
 			// sent once more, to another member.
-			if attempt == 0 && m.conn.Context().Err() != nil && out.Body == nil && ctx.Err() == nil {
+			if attempt == 0 && connectionLost(m, err) && out.Body == nil && ctx.Err() == nil {
 				tried = m
 				continue
 			}
@@ -73,6 +73,23 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, g *group) (stat
 }
 
 var errMemberGone = errors.New("member connection lost")
+
+// connectionLost reports whether err means that m's connection is gone,
+// rather than that this one request failed. The connection's context is
+// cancelled a moment after its streams see the close, so the error itself
+// is asked too: every connection-level QUIC error ends the connection.
+func connectionLost(m *member, err error) bool {
+	if m.conn.Context().Err() != nil {
+		return true
+	}
+	var (
+		app       *quic.ApplicationError
+		idle      *quic.IdleTimeoutError
+		reset     *quic.StatelessResetError
+		transport *quic.TransportError
+	)
+	return errors.As(err, &app) || errors.As(err, &idle) || errors.As(err, &reset) || errors.As(err, &transport)
+}
 
 // max1xx bounds the informational responses passed on for one request, as
 // the HTTP/3 transport does.

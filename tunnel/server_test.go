@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/http3"
 
 	"github.com/reverst-dev/reverst/internal/testpki"
 	"github.com/reverst-dev/reverst/protocol"
@@ -276,5 +277,45 @@ func TestSilentOlderMemberKept(t *testing.T) {
 	time.Sleep(1500 * time.Millisecond)
 	if n := e.srv.Members()["g"]; n != 1 {
 		t.Fatalf("older member without keep-alive dropped: members %d", n)
+	}
+}
+
+// A request in flight on a member that dies is sent again to another
+// member when it has no body, as soon as the member is declared dead.
+func TestRequestOnDeadMemberRetried(t *testing.T) {
+	e := startServer(t, tunnel.Group{Name: "g", Hosts: []string{"g.example"}})
+	conn, udp := e.registerRaw(t, "g", map[string]string{protocol.MetadataKeepAlive: "100ms"},
+		&quic.Config{KeepAlivePeriod: 100 * time.Millisecond, MaxIdleTimeout: 10 * time.Second})
+	arrived := make(chan struct{}, 1)
+	h3 := &http3.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		arrived <- struct{}{}
+		<-r.Context().Done()
+	})}
+	go func() { _ = h3.ServeQUICConn(conn) }()
+	e.waitMembers(t, "g", func(n int) bool { return n == 1 })
+
+	type result struct {
+		code int
+		body string
+	}
+	done := make(chan result, 1)
+	go func() {
+		code, body := e.get(t, "g.example", "/slow")
+		done <- result{code, body}
+	}()
+	select {
+	case <-arrived:
+	case <-time.After(5 * time.Second):
+		t.Fatal("request did not reach the first member")
+	}
+	e.join(t, "g", "b", nil)
+	udp.Close() // the first member vanishes with the request in flight
+	select {
+	case r := <-done:
+		if r.code != http.StatusOK || !strings.HasPrefix(r.body, "b GET /slow") {
+			t.Fatalf("got %d %q, want the request answered by the live member", r.code, r.body)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("request not answered")
 	}
 }
