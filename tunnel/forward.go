@@ -286,40 +286,12 @@ func (s *Server) outgoing(r *http.Request) *http.Request {
 			h[k] = vv
 		}
 	}
-	for _, f := range in["Connection"] {
-		for sf := range strings.SplitSeq(f, ",") {
-			if sf = textproto.TrimString(sf); sf != "" {
-				h.Del(sf)
-			}
-		}
-	}
+	deleteListed(h, in["Connection"])
 	// Tell the member that the visitor accepts trailers, as it asked.
 	if httpguts.HeaderValuesContainsToken(in["Te"], "trailers") {
 		h["Te"] = []string{"trailers"}
 	}
-	delete(h, "Forwarded")
-	delete(h, "X-Forwarded-For")
-	delete(h, "X-Forwarded-Host")
-	delete(h, "X-Forwarded-Proto")
-
-	if ip, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
-		if prior := in["X-Forwarded-For"]; s.TrustForwardedHeaders && len(prior) > 0 {
-			ip = strings.Join(prior, ", ") + ", " + ip
-		}
-		h["X-Forwarded-For"] = []string{ip}
-	}
-	if v, ok := in["X-Forwarded-Host"]; ok && s.TrustForwardedHeaders {
-		h["X-Forwarded-Host"] = v
-	} else {
-		h["X-Forwarded-Host"] = []string{r.Host}
-	}
-	if v, ok := in["X-Forwarded-Proto"]; ok && s.TrustForwardedHeaders {
-		h["X-Forwarded-Proto"] = v
-	} else if r.TLS == nil {
-		h["X-Forwarded-Proto"] = []string{"http"}
-	} else {
-		h["X-Forwarded-Proto"] = []string{"https"}
-	}
+	s.setForwarded(h, r)
 	if _, ok := h["User-Agent"]; !ok {
 		// An empty value keeps the transport from adding its own.
 		h["User-Agent"] = []string{""}
@@ -348,6 +320,37 @@ func (s *Server) outgoing(r *http.Request) *http.Request {
 	return out
 }
 
+// setForwarded sets X-Forwarded-For, -Host and -Proto in h, the header
+// sent to a member for r, as httputil.ProxyRequest.SetXForwarded does:
+// the visitor's values are replaced, or extended when the server trusts
+// them. Forwarded, which the member could mistake for ours, is dropped.
+func (s *Server) setForwarded(h http.Header, r *http.Request) {
+	in := r.Header
+	delete(h, "Forwarded")
+	delete(h, "X-Forwarded-For")
+	delete(h, "X-Forwarded-Host")
+	delete(h, "X-Forwarded-Proto")
+
+	if ip, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
+		if prior := in["X-Forwarded-For"]; s.TrustForwardedHeaders && len(prior) > 0 {
+			ip = strings.Join(prior, ", ") + ", " + ip
+		}
+		h["X-Forwarded-For"] = []string{ip}
+	}
+	if v, ok := in["X-Forwarded-Host"]; ok && s.TrustForwardedHeaders {
+		h["X-Forwarded-Host"] = v
+	} else {
+		h["X-Forwarded-Host"] = []string{r.Host}
+	}
+	if v, ok := in["X-Forwarded-Proto"]; ok && s.TrustForwardedHeaders {
+		h["X-Forwarded-Proto"] = v
+	} else if r.TLS == nil {
+		h["X-Forwarded-Proto"] = []string{"http"}
+	} else {
+		h["X-Forwarded-Proto"] = []string{"https"}
+	}
+}
+
 // isHopHeader reports whether the canonical header key k is hop-by-hop:
 // it describes one connection and is not forwarded.
 func isHopHeader(k string) bool {
@@ -362,16 +365,22 @@ func isHopHeader(k string) bool {
 // removeHopByHop deletes the hop-by-hop headers of h, including those the
 // Connection header lists.
 func removeHopByHop(h http.Header) {
-	for _, f := range h["Connection"] {
+	deleteListed(h, h["Connection"])
+	for k := range h {
+		if isHopHeader(k) {
+			delete(h, k)
+		}
+	}
+}
+
+// deleteListed deletes from h the headers that the Connection header
+// values name: they describe the visitor's connection only.
+func deleteListed(h http.Header, connection []string) {
+	for _, f := range connection {
 		for sf := range strings.SplitSeq(f, ",") {
 			if sf = textproto.TrimString(sf); sf != "" {
 				h.Del(sf)
 			}
-		}
-	}
-	for k := range h {
-		if isHopHeader(k) {
-			delete(h, k)
 		}
 	}
 }

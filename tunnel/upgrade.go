@@ -5,7 +5,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"net/url"
 	"sync"
@@ -47,32 +46,7 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request, g *group) 
 	defer str.Close()
 
 	out := r.Clone(context.Background())
-	out.Header.Del("X-Forwarded-For")
-	out.Header.Del("X-Forwarded-Host")
-	out.Header.Del("X-Forwarded-Proto")
-	if s.TrustForwardedHeaders {
-		for _, h := range []string{"X-Forwarded-For", "X-Forwarded-Host", "X-Forwarded-Proto"} {
-			if v, ok := r.Header[h]; ok {
-				out.Header[h] = v
-			}
-		}
-	}
-	if ip, _, err := net.SplitHostPort(r.RemoteAddr); err == nil {
-		if prior := out.Header.Get("X-Forwarded-For"); prior != "" {
-			ip = prior + ", " + ip
-		}
-		out.Header.Set("X-Forwarded-For", ip)
-	}
-	if out.Header.Get("X-Forwarded-Host") == "" {
-		out.Header.Set("X-Forwarded-Host", r.Host)
-	}
-	if out.Header.Get("X-Forwarded-Proto") == "" {
-		proto := "http"
-		if r.TLS != nil {
-			proto = "https"
-		}
-		out.Header.Set("X-Forwarded-Proto", proto)
-	}
+	s.setForwarded(out.Header, r)
 
 	visitor, buf, err := http.NewResponseController(w).Hijack()
 	if err != nil {

@@ -22,9 +22,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/reverst-dev/reverst/internal/testpki"
-
 	"github.com/reverst-dev/reverst/client"
+	"github.com/reverst-dev/reverst/internal/testpki"
 )
 
 const (
