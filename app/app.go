@@ -59,10 +59,9 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("loading --certificate-path %q and --private-key-path %q: %w", cfg.CertificatePath, cfg.PrivateKeyPath, err)
 	}
-	if leaf, err := x509.ParseCertificate(cert.Certificate[0]); err == nil {
-		if err := leaf.VerifyHostname(cfg.ServerName); err != nil {
-			logger.Warn("the certificate does not cover --server-name; clients verifying it will fail", "server_name", cfg.ServerName, "error", err)
-		}
+	// LoadX509KeyPair has parsed the leaf already.
+	if err := cert.Leaf.VerifyHostname(cfg.ServerName); err != nil {
+		logger.Warn("the certificate does not cover --server-name; clients verifying it will fail", "server_name", cfg.ServerName, "error", err)
 	}
 
 	reg := prometheus.NewRegistry()
