@@ -110,14 +110,11 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	udpAddr, err := net.ResolveUDPAddr("udp", cfg.TunnelAddress)
+	udp, dataLn, err := listenTunnel(cfg.TunnelAddress)
 	if err != nil {
 		return fmt.Errorf("--tunnel-address %q: %w", cfg.TunnelAddress, err)
 	}
-	udp, err := net.ListenUDP("udp", udpAddr)
-	if err != nil {
-		return fmt.Errorf("--tunnel-address %q: %w", cfg.TunnelAddress, err)
-	}
+	defer dataLn.Close()
 	tr := &quic.Transport{Conn: udp, StatelessResetKey: resetKey}
 	defer tr.Close()
 	ln, err := tr.Listen(&tls.Config{
@@ -251,6 +248,19 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 			stop: func(error) { cancelWatch() },
 		})
 	}
+	tasks = append(tasks, task{
+		name: "data channel listener",
+		run: func() error {
+			conf := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13}
+			if err := srv.ServeData(dataLn, conf); !errors.Is(err, tunnel.ErrServerClosed) {
+				return err
+			}
+			return nil
+		},
+		// Data channels end with their members, which the tunnel task
+		// closes; only new ones are refused here.
+		stop: func(error) { _ = dataLn.Close() },
+	})
 	// The tunnel task comes last: its stop runs after the frontend drained,
 	// so that in-flight requests keep their members until they finish.
 	tasks = append(tasks, task{
@@ -277,6 +287,31 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	}
 	logger.Info("reverst stopped cleanly")
 	return nil
+}
+
+// listenTunnel opens the tunnel's UDP socket and, on the same address and
+// port, the TCP listener of the data channels. With port 0 the UDP port is
+// chosen first, and the pair is tried again if that port is taken for TCP.
+func listenTunnel(address string) (*net.UDPConn, net.Listener, error) {
+	udpAddr, err := net.ResolveUDPAddr("udp", address)
+	if err != nil {
+		return nil, nil, err
+	}
+	for attempt := 0; ; attempt++ {
+		udp, err := net.ListenUDP("udp", udpAddr)
+		if err != nil {
+			return nil, nil, err
+		}
+		bound := udp.LocalAddr().(*net.UDPAddr)
+		tcp, err := net.ListenTCP("tcp", &net.TCPAddr{IP: udpAddr.IP, Port: bound.Port, Zone: udpAddr.Zone})
+		if err == nil {
+			return udp, tcp, nil
+		}
+		_ = udp.Close()
+		if udpAddr.Port != 0 || attempt == 10 {
+			return nil, nil, fmt.Errorf("data channel (TCP): %w", err)
+		}
+	}
 }
 
 // statelessResetKey derives the QUIC stateless reset key from the TLS

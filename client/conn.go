@@ -3,6 +3,7 @@ package client
 import (
 	"context"
 	"log/slog"
+	"net"
 	"net/http"
 	"runtime/debug"
 	"sync"
@@ -14,10 +15,11 @@ import (
 	"github.com/reverst-dev/reverst/protocol"
 )
 
-// tunnelConn is one registered connection. It is the http.Handler given
-// to the connection's http3.Server: it counts the requests in flight, so
-// that Shutdown can close the connection once none is, and it turns a
-// handler panic into a 500.
+// tunnelConn is one registered connection, with its data channel if it
+// has one. It is the http.Handler given to the connection's http3.Server
+// and to the data channel's http2.Server: it counts the requests in
+// flight, so that Shutdown can close the connection once none is, and it
+// turns a handler panic into a 500.
 type tunnelConn struct {
 	conn    *quic.Conn
 	control *quic.Stream // the register stream, our side still open
@@ -25,10 +27,13 @@ type tunnelConn struct {
 	handler http.Handler
 	log     *slog.Logger
 	done    chan struct{} // closed when serving has ended and handlers returned
+	dataWG  sync.WaitGroup
 
 	mu       sync.Mutex
-	active   int  // requests whose response stream is not finished
-	draining bool // Shutdown was called: close when active drops to 0
+	active   int      // requests whose response stream is not finished
+	draining bool     // Shutdown was called: close when active drops to 0
+	closed   bool     // close was called
+	data     net.Conn // the open data channel, if any
 }
 
 func newTunnelConn(conn *quic.Conn, control *quic.Stream, resp *protocol.RegisterResponse, h http.Handler, log *slog.Logger) *tunnelConn {
@@ -46,10 +51,10 @@ func (tc *tunnelConn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	tc.mu.Lock()
 	tc.active++
 	tc.mu.Unlock()
-	// http3 cancels the request context once the response stream is
-	// finished (FIN queued or stream reset), which is after this handler
-	// returns: only then may the connection be closed without cutting the
-	// response short.
+	// http3 and http2 cancel the request context once the response stream
+	// is finished (FIN queued or stream reset), which is after this
+	// handler returns: only then may the connection be closed without
+	// cutting the response short.
 	context.AfterFunc(r.Context(), tc.release)
 
 	rw := &responseWriter{ResponseWriter: w}
@@ -134,9 +139,35 @@ func (tc *tunnelConn) closeWhenQuiet() {
 	}
 }
 
-// close closes the connection at once; it is a no-op on a closed one.
+// close closes the connection and its data channel at once; it is a
+// no-op on a closed one.
 func (tc *tunnelConn) close(reason string) {
+	tc.mu.Lock()
+	tc.closed = true
+	data := tc.data
+	tc.mu.Unlock()
+	if data != nil {
+		_ = data.Close()
+	}
 	_ = tc.conn.CloseWithError(protocol.CodeOK, reason)
+}
+
+// setData records the open data channel (nil once it ended). It reports
+// false when the connection is already closed.
+func (tc *tunnelConn) setData(c net.Conn) bool {
+	tc.mu.Lock()
+	defer tc.mu.Unlock()
+	if tc.closed && c != nil {
+		return false
+	}
+	tc.data = c
+	return true
+}
+
+func (tc *tunnelConn) isDraining() bool {
+	tc.mu.Lock()
+	defer tc.mu.Unlock()
+	return tc.draining
 }
 
 // responseWriter records whether the response has started, for the panic
@@ -187,12 +218,22 @@ func (w *responseWriter) HTTPStream() (*http3.Stream, error) {
 // and other extensions.
 func (w *responseWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
-// ReceivedSettings implements http3.Settingser.
+// ReceivedSettings implements http3.Settingser. On a data channel, which
+// is HTTP/2, it returns a closed channel.
 func (w *responseWriter) ReceivedSettings() <-chan struct{} {
-	return w.ResponseWriter.(http3.Settingser).ReceivedSettings()
+	if s, ok := w.ResponseWriter.(http3.Settingser); ok {
+		return s.ReceivedSettings()
+	}
+	return closedChan
 }
 
-// Settings implements http3.Settingser.
+// Settings implements http3.Settingser. On a data channel, which is
+// HTTP/2, it returns the zero Settings.
 func (w *responseWriter) Settings() *http3.Settings {
-	return w.ResponseWriter.(http3.Settingser).Settings()
+	if s, ok := w.ResponseWriter.(http3.Settingser); ok {
+		return s.Settings()
+	}
+	return &http3.Settings{}
 }
+
+var closedChan = func() chan struct{} { c := make(chan struct{}); close(c); return c }()

@@ -41,19 +41,34 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, g *group) (stat
 	var tried *member
 	for attempt := 0; ; attempt++ {
 		m, err := s.acquire(ctx, g, tried)
+		if err != nil && tried != nil && errors.Is(err, errNoMember) && tried.usable() {
+			// Only the member's data channel broke; QUIC may still work.
+			m, err = s.acquire(ctx, g, nil)
+		}
 		if err != nil {
 			if tried != nil && errors.Is(err, errNoMember) {
 				err = errMemberGone
 			}
 			return s.proxyError(w, r, g, err), false
 		}
-		res, stop, err := s.exchange(ctx, w, m, out)
+		var (
+			res  *http.Response
+			stop func() bool
+			lost bool
+		)
+		if dc := m.dataConn(); dc != nil {
+			res, err = s.roundTrip(ctx, w, dc, out)
+			lost = err != nil && (dc.State().Closed || connectionLost(m, err))
+		} else {
+			res, stop, err = s.exchange(ctx, w, m, out)
+			lost = err != nil && connectionLost(m, err)
+		}
 		if err != nil {
 			g.release(m)
 			// The member's connection died before answering: a request
 			// without a body cannot have been consumed in part, so it is
-			// sent once more, to another member.
-			if attempt == 0 && connectionLost(m, err) && out.Body == nil && ctx.Err() == nil {
+			// sent once more, preferably to another member.
+			if attempt == 0 && lost && out.Body == nil && ctx.Err() == nil {
 				tried = m
 				continue
 			}
@@ -102,7 +117,8 @@ const max1xx = 5
 // sends the body in the background.
 func (s *Server) exchange(ctx context.Context, w http.ResponseWriter, m *member, out *http.Request) (res *http.Response, stop func() bool, err error) {
 	if out.Body != nil {
-		return s.roundTrip(ctx, w, m, out)
+		res, err := s.roundTrip(ctx, w, m.cc, out)
+		return res, nil, err
 	}
 	str, err := m.cc.OpenRequestStream(ctx)
 	if err != nil {
@@ -149,25 +165,26 @@ func readFinal(w http.ResponseWriter, str *http3.RequestStream, out *http.Reques
 
 var errBad1xx = errors.New("member answered with too many or unexpected 1xx responses")
 
-// roundTrip sends a request with a body through the transport. 1xx
-// responses reach the visitor through a trace hook, which the transport
-// calls on this goroutine before RoundTrip returns.
-func (s *Server) roundTrip(ctx context.Context, w http.ResponseWriter, m *member, out *http.Request) (*http.Response, func() bool, error) {
+// roundTrip sends a request through a transport: a data channel, or the
+// QUIC connection for a request with a body. 1xx responses reach the
+// visitor through a trace hook, which the transports call on this
+// goroutine before RoundTrip returns.
+func (s *Server) roundTrip(ctx context.Context, w http.ResponseWriter, rt http.RoundTripper, out *http.Request) (*http.Response, error) {
 	trace := &httptrace.ClientTrace{
 		Got1xxResponse: func(code int, header textproto.MIMEHeader) error {
 			pass1xx(w, code, http.Header(header))
 			return nil
 		},
 	}
-	res, err := m.cc.RoundTrip(out.WithContext(httptrace.WithClientTrace(ctx, trace)))
+	res, err := rt.RoundTrip(out.WithContext(httptrace.WithClientTrace(ctx, trace)))
 	if err != nil {
-		return nil, nil, err
+		return nil, err
 	}
 	if res.StatusCode == http.StatusSwitchingProtocols {
 		_ = res.Body.Close()
-		return nil, nil, errBad1xx
+		return nil, errBad1xx
 	}
-	return res, nil, nil
+	return res, nil
 }
 
 // pass1xx sends an informational response to the visitor. The header map
@@ -213,8 +230,12 @@ func (s *Server) respond(w http.ResponseWriter, g *group, res *http.Response) (a
 		rc = http.NewResponseController(w)
 		_ = rc.Flush()
 	}
-	buf := s.buffers.get()
-	defer s.buffers.put(buf)
+	pool := s.buffers
+	if res.ContentLength >= bulkSize {
+		pool = s.bulkBuffers
+	}
+	buf := pool.get()
+	defer pool.put(buf)
 	for {
 		n, rerr := res.Body.Read(*buf)
 		if n > 0 {

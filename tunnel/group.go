@@ -12,6 +12,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
+	"golang.org/x/net/http2"
 )
 
 // Authenticator decides whether a registration may join a group. It returns
@@ -198,6 +199,9 @@ type member struct {
 	since    time.Time
 	inflight atomic.Int64
 	draining atomic.Bool
+	// token and data are the member's data channel, if it has one.
+	token string
+	data  atomic.Pointer[http2.ClientConn]
 }
 
 func (m *member) usable() bool {

@@ -16,6 +16,7 @@ type Metrics struct {
 	members       *prometheus.GaugeVec
 	requests      *prometheus.CounterVec
 	latency       *prometheus.HistogramVec
+	dataChannels  *prometheus.CounterVec
 }
 
 // NewMetrics creates the metrics and registers them with reg.
@@ -38,9 +39,13 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help:    "Time to proxy a frontend request, until the response body is done.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2.5, 14),
 		}, []string{"group"}),
+		dataChannels: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "reverst", Name: "data_channels_total",
+			Help: "Data channel connections by result (ok, refused).",
+		}, []string{"result"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.registrations, m.members, m.requests, m.latency)
+		reg.MustRegister(m.registrations, m.members, m.requests, m.latency, m.dataChannels)
 	}
 	return m
 }
@@ -72,6 +77,13 @@ func (m *Metrics) request(group string, status int, d time.Duration) {
 	}
 	m.requests.WithLabelValues(group, statusClass(status)).Inc()
 	m.latency.WithLabelValues(group).Observe(d.Seconds())
+}
+
+func (m *Metrics) dataChannel(result string) {
+	if m == nil {
+		return
+	}
+	m.dataChannels.WithLabelValues(result).Inc()
 }
 
 func statusClass(code int) string {

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/quic-go/quic-go/http3"
+	"golang.org/x/net/http2"
 
 	"github.com/reverst-dev/reverst/groups"
 )
@@ -36,7 +37,17 @@ func (s *Server) initProxy() {
 		DisableCompression:     true,
 		MaxResponseHeaderBytes: s.MaxResponseHeaderBytes,
 	}
-	s.buffers = &bufferPool{}
+	s.h2 = &http2.Transport{
+		DisableCompression: true,
+		MaxReadFrameSize:   dataFrameSize,
+		ReadIdleTimeout:    dataPingAfter,
+		PingTimeout:        5 * time.Second,
+	}
+	if s.MaxResponseHeaderBytes > 0 {
+		s.h2.MaxHeaderListSize = uint32(s.MaxResponseHeaderBytes)
+	}
+	s.buffers = &bufferPool{size: 32 << 10}
+	s.bulkBuffers = &bufferPool{size: bulkSize}
 }
 
 // ServeHTTP is the HTTP frontend: it routes r by host to a group and
@@ -110,13 +121,21 @@ func textError(w http.ResponseWriter, body string, code int) {
 
 // bufferPool recycles the response copy buffers: without it, a 32 KiB
 // buffer is most of the garbage a small response makes.
-type bufferPool struct{ pool sync.Pool }
+type bufferPool struct {
+	size int
+	pool sync.Pool
+}
+
+// bulkSize is the copy buffer of large responses. Each read from a member
+// may send it flow-control credit and each write to the visitor is a
+// system call, so a large buffer saves both.
+const bulkSize = 256 << 10
 
 func (b *bufferPool) get() *[]byte {
 	if buf, ok := b.pool.Get().(*[]byte); ok {
 		return buf
 	}
-	buf := make([]byte, 32<<10)
+	buf := make([]byte, b.size)
 	return &buf
 }
 

@@ -17,7 +17,7 @@ func (s *Server) handle(conn *quic.Conn) {
 	defer s.untrack(conn)
 	log := s.logger().With("remote", conn.RemoteAddr().String())
 
-	g, stream, req, err := s.register(conn)
+	g, m, stream, req, err := s.register(conn)
 	if err != nil {
 		code, reason, result := closeFor(err)
 		group := ""
@@ -30,12 +30,7 @@ func (s *Server) handle(conn *quic.Conn) {
 		return
 	}
 
-	m := &member{
-		conn:   conn,
-		cc:     s.transport().NewClientConn(conn),
-		remote: conn.RemoteAddr(),
-		since:  time.Now(),
-	}
+	defer s.dropData(m)
 	if !g.add(m) {
 		s.Metrics.registration(g.name, "not_found")
 		_ = conn.CloseWithError(protocol.CodeOK, "tunnel group removed")
@@ -54,9 +49,10 @@ func (s *Server) handle(conn *quic.Conn) {
 }
 
 // register reads, authenticates and answers the register request on the
-// first stream. The returned group is non-nil whenever the request named a
-// known group, so that failures can be attributed.
-func (s *Server) register(conn *quic.Conn) (*group, *quic.Stream, *protocol.RegisterRequest, error) {
+// first stream, and returns the new member, not yet in its group. The
+// returned group is non-nil whenever the request named a known group, so
+// that failures can be attributed.
+func (s *Server) register(conn *quic.Conn) (*group, *member, *quic.Stream, *protocol.RegisterRequest, error) {
 	timeout := s.RegisterTimeout
 	if timeout <= 0 {
 		timeout = DefaultRegisterTimeout
@@ -66,32 +62,43 @@ func (s *Server) register(conn *quic.Conn) (*group, *quic.Stream, *protocol.Regi
 
 	stream, err := conn.AcceptStream(ctx)
 	if err != nil {
-		return nil, nil, nil, errors.Join(protocol.ErrBadRequest, errTimeout, err)
+		return nil, nil, nil, nil, errors.Join(protocol.ErrBadRequest, errTimeout, err)
 	}
 	deadline, _ := ctx.Deadline()
 	_ = stream.SetDeadline(deadline)
 	req, err := protocol.ReadRequest(stream)
 	if err != nil {
 		stream.CancelRead(0)
-		return nil, nil, nil, err
+		return nil, nil, nil, nil, err
 	}
 
 	g := s.table.Load().lookupName(req.TunnelGroup)
 	if g == nil {
-		return nil, nil, nil, protocol.ErrNotFound
+		return nil, nil, nil, nil, protocol.ErrNotFound
 	}
 	if auth := g.authenticator(); auth != nil {
 		if err := auth.Authenticate(ctx, req.Metadata); err != nil {
-			return g, nil, nil, err
+			return g, nil, nil, nil, err
 		}
 	}
-	if err := protocol.WriteResponse(stream, &protocol.RegisterResponse{Version: protocol.Version, Code: protocol.ResponseOK}); err != nil {
-		return g, nil, nil, err
+	m := &member{
+		conn:   conn,
+		cc:     s.transport().NewClientConn(conn),
+		remote: conn.RemoteAddr(),
+		since:  time.Now(),
+	}
+	resp := &protocol.RegisterResponse{Version: protocol.Version, Code: protocol.ResponseOK}
+	if token := s.offerData(m, req.Metadata[protocol.MetadataDataChannel]); token != "" {
+		resp.Metadata = map[string]string{protocol.MetadataDataChannel: token}
+	}
+	if err := protocol.WriteResponse(stream, resp); err != nil {
+		s.dropData(m)
+		return g, nil, nil, nil, err
 	}
 	_ = stream.SetDeadline(time.Time{})
 	// Our side is done; the client's side stays open for control messages.
 	_ = stream.Close()
-	return g, stream, req, nil
+	return g, m, stream, req, nil
 }
 
 // keepAlive parses a member's announced keep-alive period; zero means

@@ -23,6 +23,7 @@ import (
 
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
+	"golang.org/x/net/http2"
 
 	"github.com/reverst-dev/reverst/groups"
 	"github.com/reverst-dev/reverst/protocol"
@@ -68,15 +69,21 @@ type Server struct {
 
 	mu       sync.Mutex // guards the fields below and serialises SetGroups
 	conns    map[*quic.Conn]struct{}
+	tokens   map[string]*member // data channel tokens of live members
 	closed   bool
 	inflight sync.WaitGroup // registrations being handled
 
 	limiterOnce sync.Once
 	limiter     *registrationLimiter
 
-	proxyOnce sync.Once
-	h3        *http3.Transport
-	buffers   *bufferPool
+	proxyOnce   sync.Once
+	h3          *http3.Transport
+	h2          *http2.Transport
+	buffers     *bufferPool
+	bulkBuffers *bufferPool
+
+	dataOn   atomic.Bool // ServeData is running
+	readBufs sync.Pool   // of data channel read batches
 }
 
 func (s *Server) logger() *slog.Logger {
@@ -273,6 +280,9 @@ type MemberStatus struct {
 	Since      time.Time `json:"since"`
 	InFlight   int64     `json:"inFlight"`
 	Draining   bool      `json:"draining"`
+	// DataChannel tells whether requests go over a data channel (TCP)
+	// rather than the QUIC connection.
+	DataChannel bool `json:"dataChannel"`
 }
 
 // Status returns every group with its hosts and members, sorted by name.
@@ -289,10 +299,11 @@ func (s *Server) Status() []GroupStatus {
 		}
 		for _, m := range *g.members.Load() {
 			gs.Members = append(gs.Members, MemberStatus{
-				RemoteAddr: m.remote.String(),
-				Since:      m.since,
-				InFlight:   m.inflight.Load(),
-				Draining:   m.draining.Load(),
+				RemoteAddr:  m.remote.String(),
+				Since:       m.since,
+				InFlight:    m.inflight.Load(),
+				Draining:    m.draining.Load(),
+				DataChannel: m.dataConn() != nil,
 			})
 		}
 		out = append(out, gs)
