@@ -169,15 +169,15 @@ type Server struct {
 	ResolveInterval time.Duration
 
 	// QUICOnly keeps every request on the QUIC connection. By default a
-	// Server asks the tunnel server for a data channel (see package
-	// protocol): a TCP connection beside the QUIC one, to the same address
-	// and port, that carries plain requests over HTTP/2 and moves bulk
-	// bodies several times faster than quic-go does. Where TCP to the
-	// tunnel server is blocked, the Server notices and stays on QUIC by
+	// Server asks the tunnel server for data connections (see package
+	// protocol): TCP connections beside the QUIC one, to the same address
+	// and port, that carry plain requests over HTTP/1.1 with less latency
+	// than quic-go, and bulk bodies several times faster. Where TCP to the
+	// tunnel server is blocked, the Server notices and rests on QUIC by
 	// itself; QUICOnly saves it the attempts.
 	QUICOnly bool
 
-	batches sync.Pool // data channel write batches (see coalescingConn)
+	batches sync.Pool // data connection write batches (see coalescingConn)
 
 	mu     sync.Mutex
 	closed bool
@@ -433,7 +433,7 @@ func (s *Server) register(ctx context.Context, conn *quic.Conn) (*quic.Stream, *
 		req.Metadata[protocol.MetadataKeepAlive] = period.String()
 	}
 	if !s.QUICOnly {
-		req.Metadata[protocol.MetadataDataChannel] = protocol.DataChannelH2
+		req.Metadata[protocol.MetadataData] = protocol.DataHTTP1
 	}
 	if s.Authenticator != nil {
 		if err := s.Authenticator.Authenticate(ctx, req); err != nil {
@@ -489,9 +489,12 @@ func (s *Server) serve(ctx context.Context, addr string, tlsConf *tls.Config, tc
 	}
 	stop := context.AfterFunc(ctx, func() { tc.close(reasonClosed) })
 	defer stop()
-	if token := tc.resp.Metadata[protocol.MetadataDataChannel]; token != "" && !s.QUICOnly {
-		tc.dataWG.Go(func() { tc.serveData(tlsConf, token, &s.batches) })
-		// The data channel's handlers must have returned before done.
+	if token := tc.resp.Metadata[protocol.MetadataData]; token != "" && !s.QUICOnly {
+		d := newDataConns(tc, tlsConf, token, &s.batches)
+		tc.mu.Lock()
+		tc.data = d
+		tc.mu.Unlock()
+		tc.dataWG.Go(d.run)
 		defer tc.dataWG.Wait()
 	}
 	go func() {

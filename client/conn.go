@@ -3,7 +3,6 @@ package client
 import (
 	"context"
 	"log/slog"
-	"net"
 	"net/http"
 	"runtime/debug"
 	"sync"
@@ -15,11 +14,11 @@ import (
 	"github.com/reverst-dev/reverst/protocol"
 )
 
-// tunnelConn is one registered connection, with its data channel if it
-// has one. It is the http.Handler given to the connection's http3.Server
-// and to the data channel's http2.Server: it counts the requests in
-// flight, so that Shutdown can close the connection once none is, and it
-// turns a handler panic into a 500.
+// tunnelConn is one registered connection, with its data connections if
+// it has some. It is the http.Handler given to the connection's
+// http3.Server and to the data connections' http.Server: it counts the
+// requests in flight, so that Shutdown can close the connection once none
+// is, and it turns a handler panic into a 500.
 type tunnelConn struct {
 	conn    *quic.Conn
 	control *quic.Stream // the register stream, our side still open
@@ -30,10 +29,9 @@ type tunnelConn struct {
 	dataWG  sync.WaitGroup
 
 	mu       sync.Mutex
-	active   int      // requests whose response stream is not finished
-	draining bool     // Shutdown was called: close when active drops to 0
-	closed   bool     // close was called
-	data     net.Conn // the open data channel, if any
+	active   int        // requests whose response is not finished
+	draining bool       // Shutdown was called: close when active drops to 0
+	data     *dataConns // nil without data connections
 }
 
 func newTunnelConn(conn *quic.Conn, control *quic.Stream, resp *protocol.RegisterResponse, h http.Handler, log *slog.Logger) *tunnelConn {
@@ -51,10 +49,10 @@ func (tc *tunnelConn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	tc.mu.Lock()
 	tc.active++
 	tc.mu.Unlock()
-	// http3 and http2 cancel the request context once the response stream
-	// is finished (FIN queued or stream reset), which is after this
-	// handler returns: only then may the connection be closed without
-	// cutting the response short.
+	// http3 cancels the request context once the response stream is
+	// finished (FIN queued or stream reset), net/http once the handler
+	// returned, which the linger of closeWhenQuiet covers: only then may
+	// the connection be closed without cutting the response short.
 	context.AfterFunc(r.Context(), tc.release)
 
 	rw := &responseWriter{ResponseWriter: w}
@@ -139,29 +137,16 @@ func (tc *tunnelConn) closeWhenQuiet() {
 	}
 }
 
-// close closes the connection and its data channel at once; it is a
+// close closes the connection and its data connections at once; it is a
 // no-op on a closed one.
 func (tc *tunnelConn) close(reason string) {
 	tc.mu.Lock()
-	tc.closed = true
 	data := tc.data
 	tc.mu.Unlock()
 	if data != nil {
-		_ = data.Close()
+		data.close()
 	}
 	_ = tc.conn.CloseWithError(protocol.CodeOK, reason)
-}
-
-// setData records the open data channel (nil once it ended). It reports
-// false when the connection is already closed.
-func (tc *tunnelConn) setData(c net.Conn) bool {
-	tc.mu.Lock()
-	defer tc.mu.Unlock()
-	if tc.closed && c != nil {
-		return false
-	}
-	tc.data = c
-	return true
 }
 
 func (tc *tunnelConn) isDraining() bool {

@@ -6,116 +6,266 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log"
 	"net"
+	"net/http"
 	"sync"
 	"time"
-
-	"golang.org/x/net/http2"
 
 	"github.com/reverst-dev/reverst/protocol"
 )
 
-// Data channel tuning.
+// Data connections (see package protocol): TCP connections beside the
+// QUIC one, on which the tunnel server sends plain requests over
+// HTTP/1.1, one at a time. A net/http.Server serves them, so a request
+// costs what it costs on any HTTP/1.1 server.
+
+// Data connection tuning.
 const (
-	// dataAttempts is how many dials of a data channel may fail in a row
-	// before the connection settles for QUIC alone: a server behind a
-	// UDP-only load balancer, or TCP blocked on the way.
+	// dataSpare is how many idle data connections are kept ready: the
+	// server sends a request over QUIC when none is idle, so a burst
+	// opens more as the spares get busy.
+	dataSpare = 4
+	// dataMax bounds the data connections of one tunnel connection.
+	dataMax = 128
+	// dataAttempts is how many dials may fail in a row before the
+	// connection rests on QUIC for dataRest: a server behind a UDP-only
+	// load balancer, or TCP blocked on the way.
 	dataAttempts = 3
+	dataRest     = 30 * time.Second
 	// dataDialTimeout bounds one dial, TLS handshake and hello included.
 	dataDialTimeout = 5 * time.Second
-	// dataFrameSize is the largest HTTP/2 frame the server may send us
-	// (request bodies), as the server allows for responses.
-	dataFrameSize = 1 << 20
 )
 
-// serveData keeps a data channel open next to the QUIC connection for as
-// long as it lives, serving the same handler over HTTP/2 on it: the server
-// sends its requests there while the channel is up, and over QUIC
-// otherwise. A broken channel is dialled again; after dataAttempts failed
-// dials in a row the connection stays on QUIC.
-func (tc *tunnelConn) serveData(tlsConf *tls.Config, token string, pool *sync.Pool) {
-	ctx := tc.conn.Context()
-	addr := tc.conn.RemoteAddr().String()
-	conf := tlsConf.Clone()
-	conf.NextProtos = []string{protocol.DataChannelALPN}
-	srv := &http2.Server{MaxReadFrameSize: dataFrameSize}
+// dataConns keeps the data connections of one tunnel connection: it dials
+// them, hands them to an http.Server serving the tunnel's handler, and
+// follows their states to keep dataSpare of them idle.
+type dataConns struct {
+	tc    *tunnelConn
+	addr  string // the address the QUIC connection reached
+	conf  *tls.Config
+	token string
+	pool  *sync.Pool // write batches, shared by a Server's connections
+	srv   *http.Server
+	ln    *connListener
+	kick  chan struct{}
 
-	for failures := 0; ctx.Err() == nil && !tc.isDraining(); {
-		c, err := dialData(ctx, addr, conf, token, pool)
-		if err != nil {
-			failures++
-			if ctx.Err() != nil {
-				return
-			}
-			if failures == dataAttempts {
-				tc.log.Info("data channel unavailable, serving over QUIC only", "error", err)
-				return
-			}
-			tc.log.Debug("data channel failed, retrying", "error", err, "attempt", failures)
-			timer := time.NewTimer(backoff(DefaultMinBackoff, DefaultMaxBackoff, failures))
-			select {
-			case <-timer.C:
-			case <-ctx.Done():
-				timer.Stop()
-				return
-			}
-			continue
-		}
-		failures = 0
-		if !tc.setData(c) {
-			_ = c.Close()
+	mu    sync.Mutex
+	idle  int // idle or not yet used
+	open  int
+	state map[net.Conn]http.ConnState
+}
+
+func newDataConns(tc *tunnelConn, tlsConf *tls.Config, token string, pool *sync.Pool) *dataConns {
+	conf := tlsConf.Clone()
+	conf.NextProtos = []string{protocol.DataALPN}
+	d := &dataConns{
+		tc:    tc,
+		addr:  tc.conn.RemoteAddr().String(),
+		conf:  conf,
+		token: token,
+		pool:  pool,
+		ln:    newConnListener(tc.conn.LocalAddr()),
+		kick:  make(chan struct{}, 1),
+		state: map[net.Conn]http.ConnState{},
+	}
+	d.srv = &http.Server{
+		Handler:   tc,
+		ConnState: d.track,
+		// No IdleTimeout: the tunnel server closes the connections it does
+		// not need, and an idle one here is a spare.
+		ErrorLog:    log.New(io.Discard, "", 0),
+		BaseContext: func(net.Listener) context.Context { return tc.conn.Context() },
+	}
+	return d
+}
+
+// run serves and dials until the QUIC connection ends.
+func (d *dataConns) run() {
+	var wg sync.WaitGroup
+	wg.Go(func() { _ = d.srv.Serve(d.ln) })
+	defer wg.Wait()
+	defer d.srv.Close()
+	d.wake()
+	ctx := d.tc.conn.Context()
+	failures := 0
+	for {
+		select {
+		case <-d.kick:
+		case <-ctx.Done():
 			return
 		}
-		tc.log.Debug("data channel open")
-		srv.ServeConn(c, &http2.ServeConnOpts{Context: ctx, Handler: tc})
-		tc.setData(nil)
-		_ = c.Close()
+		for d.needed() {
+			c, err := d.dial(ctx)
+			if err != nil {
+				if ctx.Err() != nil {
+					return
+				}
+				failures++
+				wait := backoff(DefaultMinBackoff, DefaultMaxBackoff, failures)
+				if failures%dataAttempts == 0 {
+					d.tc.log.Info("data connections unavailable, serving over QUIC only for a while", "error", err, "retry_in", dataRest)
+					wait = dataRest
+				}
+				timer := time.NewTimer(wait)
+				select {
+				case <-timer.C:
+				case <-ctx.Done():
+					timer.Stop()
+					return
+				}
+				continue
+			}
+			failures = 0
+			d.mu.Lock()
+			d.idle++
+			d.open++
+			d.state[c] = http.StateNew
+			d.mu.Unlock()
+			if !d.ln.push(c) {
+				_ = c.Close()
+				return
+			}
+		}
 	}
 }
 
-// dialData opens a data channel to addr and presents token.
-func dialData(ctx context.Context, addr string, conf *tls.Config, token string, pool *sync.Pool) (net.Conn, error) {
+// needed reports whether another connection should be dialled.
+func (d *dataConns) needed() bool {
+	if d.tc.isDraining() {
+		return false
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.idle < dataSpare && d.open < dataMax
+}
+
+func (d *dataConns) wake() {
+	select {
+	case d.kick <- struct{}{}:
+	default:
+	}
+}
+
+// track is the http.Server's ConnState hook.
+func (d *dataConns) track(c net.Conn, st http.ConnState) {
+	d.mu.Lock()
+	prev, known := d.state[c]
+	wasIdle := known && (prev == http.StateNew || prev == http.StateIdle)
+	switch st {
+	case http.StateNew, http.StateIdle:
+		if !wasIdle {
+			d.idle++
+		}
+		d.state[c] = st
+	case http.StateActive:
+		if wasIdle {
+			d.idle--
+		}
+		d.state[c] = st
+	case http.StateClosed, http.StateHijacked:
+		if wasIdle {
+			d.idle--
+		}
+		if known {
+			delete(d.state, c)
+			d.open--
+		}
+	}
+	short := d.idle < dataSpare
+	d.mu.Unlock()
+	if short {
+		d.wake()
+	}
+}
+
+// close closes every data connection at once.
+func (d *dataConns) close() {
+	_ = d.srv.Close()
+	d.ln.Close()
+}
+
+// dial opens a data connection and presents the token.
+func (d *dataConns) dial(ctx context.Context) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, dataDialTimeout)
 	defer cancel()
-	var d net.Dialer
-	raw, err := d.DialContext(ctx, "tcp", addr)
+	var dialer net.Dialer
+	raw, err := dialer.DialContext(ctx, "tcp", d.addr)
 	if err != nil {
-		return nil, fmt.Errorf("dialing data channel: %w", err)
+		return nil, fmt.Errorf("dialing data connection: %w", err)
 	}
-	cc := &coalescingConn{Conn: raw, pool: pool}
-	tc := tls.Client(cc, conf)
+	cc := &coalescingConn{Conn: raw, pool: d.pool}
+	tc := tls.Client(cc, d.conf)
+	if deadline, ok := ctx.Deadline(); ok {
+		_ = tc.SetDeadline(deadline)
+	}
 	if err := tc.HandshakeContext(ctx); err != nil {
 		_ = raw.Close()
-		return nil, fmt.Errorf("dialing data channel: %w", err)
+		return nil, fmt.Errorf("dialing data connection: %w", err)
 	}
-	c := &batchedTLS{Conn: tc, raw: cc}
-	if deadline, ok := ctx.Deadline(); ok {
-		_ = c.SetDeadline(deadline)
-	}
-	if err := hello(c, token); err != nil {
-		_ = c.Close()
+	if err := hello(tc, d.token); err != nil {
+		_ = raw.Close()
 		return nil, err
 	}
-	_ = c.SetDeadline(time.Time{})
-	return c, nil
+	_ = tc.SetDeadline(time.Time{})
+	return &batchedTLS{Conn: tc, raw: cc}, nil
 }
 
 func hello(c net.Conn, token string) error {
-	if err := protocol.WriteDataChannelHello(c, token); err != nil {
-		return fmt.Errorf("data channel hello: %w", err)
+	if err := protocol.WriteDataHello(c, token); err != nil {
+		return fmt.Errorf("data connection hello: %w", err)
 	}
 	var ok [1]byte
 	if _, err := io.ReadFull(c, ok[:]); err != nil {
 		if errors.Is(err, io.EOF) {
-			return errors.New("data channel refused: the server does not know the token")
+			return errors.New("data connection refused")
 		}
-		return fmt.Errorf("data channel hello: %w", err)
+		return fmt.Errorf("data connection hello: %w", err)
 	}
-	if ok[0] != protocol.DataChannelOK {
-		return fmt.Errorf("data channel refused with %#x", ok[0])
+	if ok[0] != protocol.DataOK {
+		return fmt.Errorf("data connection refused with %#x", ok[0])
 	}
 	return nil
 }
+
+// connListener is the net.Listener of the data connections' http.Server:
+// Accept returns the connections run has dialled.
+type connListener struct {
+	addr  net.Addr
+	conns chan net.Conn
+	once  sync.Once
+	done  chan struct{}
+}
+
+func newConnListener(addr net.Addr) *connListener {
+	return &connListener{addr: addr, conns: make(chan net.Conn), done: make(chan struct{})}
+}
+
+// push hands c to Accept; it reports false once the listener is closed.
+func (l *connListener) push(c net.Conn) bool {
+	select {
+	case l.conns <- c:
+		return true
+	case <-l.done:
+		return false
+	}
+}
+
+func (l *connListener) Accept() (net.Conn, error) {
+	select {
+	case c := <-l.conns:
+		return c, nil
+	case <-l.done:
+		return nil, net.ErrClosed
+	}
+}
+
+func (l *connListener) Close() error {
+	l.once.Do(func() { close(l.done) })
+	return nil
+}
+
+func (l *connListener) Addr() net.Addr { return l.addr }
 
 // coalescingConn sits under a tls.Conn and turns the records of one
 // tls.Conn.Write into one system call: TLS writes a record of at most
@@ -123,7 +273,7 @@ func hello(c net.Conn, token string) error {
 // encryption. Writes outside a batch go straight through, in order.
 type coalescingConn struct {
 	net.Conn
-	pool  *sync.Pool // of *[]byte, shared by a Server's connections
+	pool  *sync.Pool // of *[]byte
 	mu    sync.Mutex // held while writing, so that order is kept
 	batch bool
 	buf   *[]byte // taken from pool for a batch
@@ -132,19 +282,25 @@ type coalescingConn struct {
 func (c *coalescingConn) Write(p []byte) (int, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.batch {
-		if c.buf == nil {
-			if b, ok := c.pool.Get().(*[]byte); ok {
-				c.buf = b
-			} else {
-				b := make([]byte, 0, 64<<10)
-				c.buf = &b
-			}
-		}
-		*c.buf = append(*c.buf, p...)
-		return len(p), nil
+	if !c.batch {
+		return c.Conn.Write(p)
 	}
-	return c.Conn.Write(p)
+	if c.buf == nil {
+		if b, ok := c.pool.Get().(*[]byte); ok {
+			c.buf = b
+		} else {
+			b := make([]byte, 0, 64<<10)
+			c.buf = &b
+		}
+	}
+	*c.buf = append(*c.buf, p...)
+	return len(p), nil
+}
+
+func (c *coalescingConn) begin() {
+	c.mu.Lock()
+	c.batch = true
+	c.mu.Unlock()
 }
 
 // flush ends a batch and writes what it gathered.
@@ -163,14 +319,8 @@ func (c *coalescingConn) flush() error {
 	return err
 }
 
-func (c *coalescingConn) begin() {
-	c.mu.Lock()
-	c.batch = true
-	c.mu.Unlock()
-}
-
-// batchedTLS is a data channel as the HTTP/2 server sees it: each of its
-// writes (an HTTP/2 frame or a few) leaves in one system call.
+// batchedTLS is a data connection as the http.Server sees it: each of its
+// writes leaves in one system call.
 type batchedTLS struct {
 	*tls.Conn
 	raw *coalescingConn

@@ -50,27 +50,29 @@
 // original request and relays the bytes both ways. Any other answer means
 // the client does not support upgrades, and the visitor gets a 502.
 //
-// # Data channel (an extension)
+// # Data connections (an extension)
 //
-// QUIC as quic-go implements it moves at most 1452 bytes per datagram, and
-// that per-packet cost bounds bulk transfers. A client that can serve
-// HTTP/2 puts [DataChannelH2] in Metadata[[MetadataDataChannel]] of its
-// register request. A server that offers a data channel answers with a
-// token in the same key of the response Metadata: 43 characters,
+// quic-go sends at most 1452 bytes per datagram, and that per-packet cost
+// bounds bulk transfers; its stream hand-offs add latency. A client that
+// can serve HTTP/1.1 on TCP puts [DataHTTP1] in Metadata[[MetadataData]]
+// of its register request. A server that accepts data connections answers
+// with a token in the same key of the response Metadata: 43 characters,
 // base64url (no padding) of 32 random bytes, valid while that
-// registration lives. The client then opens a TCP connection to the port
-// number and IP address its QUIC connection reached, runs TLS 1.3 with the
-// ALPN [DataChannelALPN] and the same server verification, and writes the
-// token followed by "\n". The server answers one byte, [DataChannelOK],
-// or closes the connection when it does not know the token. From then on
-// the roles are those of the QUIC connection: the server is the HTTP/2
-// client on the TCP connection and the tunnel client serves HTTP/2 on it.
-// The server sends plain requests on the data channel while it is open,
-// and on the QUIC connection otherwise; upgrades, keep-alives, control
-// messages and the registration's lifetime stay with QUIC, and closing
-// the QUIC connection ends the data channel. A client may open a new data
-// channel with the same token when one breaks; the server then uses the
-// newest. Peers that do not know the key ignore it and use QUIC alone.
+// registration lives.
+//
+// The client then opens TCP connections to the IP address and port number
+// its QUIC connection reached, runs TLS 1.3 on each with the ALPN
+// [DataALPN] and the same server verification, and writes the token
+// followed by "\n". The server answers one byte, [DataOK], or closes the
+// connection when it does not know the token. From then on the roles are
+// those of the QUIC connection: the server sends HTTP/1.1 requests on the
+// connection, one at a time, and the client answers them; either side may
+// close it between requests. The client keeps a few connections idle and
+// opens more as they get busy; the server closes those it does not need,
+// and sends a request over QUIC when no data connection is idle.
+// Upgrades, keep-alives, control messages and the registration's lifetime
+// stay with QUIC: closing the QUIC connection ends its data connections.
+// Peers that do not know the key ignore it and use QUIC alone.
 //
 // On failure the server does not answer: it closes the QUIC connection with
 // an application error code ([CodeOK], [CodeServerError], [CodeClientError])
@@ -168,49 +170,48 @@ type ControlMessage struct {
 // client's keep-alive period.
 const MetadataKeepAlive = "Reverst-Keep-Alive"
 
-// Data channel (see the package documentation).
+// Data connections (see the package documentation).
 const (
-	// MetadataDataChannel is the metadata key that announces support for
-	// a data channel in a register request, and carries its token in a
-	// register response.
-	MetadataDataChannel = "Reverst-Data-Channel"
-	// DataChannelH2 is the request's value: HTTP/2 over TLS over TCP.
-	DataChannelH2 = "h2"
-	// DataChannelALPN is the TLS application protocol of a data channel.
-	DataChannelALPN = "reverst-data"
-	// DataChannelOK is the server's one-byte answer to a known token.
-	DataChannelOK byte = 0
-	// DataChannelTokenSize is the length of a token on the wire.
-	DataChannelTokenSize = 43
+	// MetadataData is the metadata key that asks for data connections in
+	// a register request, and carries their token in a register response.
+	MetadataData = "Reverst-Data"
+	// DataHTTP1 is the request's value: HTTP/1.1 over TLS over TCP.
+	DataHTTP1 = "http/1.1"
+	// DataALPN is the TLS application protocol of a data connection.
+	DataALPN = "reverst-data"
+	// DataOK is the server's one-byte answer to a known token.
+	DataOK byte = 0
+	// DataTokenSize is the length of a token on the wire.
+	DataTokenSize = 43
 )
 
-// NewDataChannelToken returns a fresh random token.
-func NewDataChannelToken() string {
+// NewDataToken returns a fresh random token.
+func NewDataToken() string {
 	b := make([]byte, 32)
 	_, _ = rand.Read(b) // never fails, as documented
 	return base64.RawURLEncoding.EncodeToString(b)
 }
 
-// WriteDataChannelHello writes the client's first bytes on a data channel.
-func WriteDataChannelHello(w io.Writer, token string) error {
-	if len(token) != DataChannelTokenSize {
-		return fmt.Errorf("%w: data channel token of %d bytes", ErrBadRequest, len(token))
+// WriteDataHello writes the client's first bytes on a data connection.
+func WriteDataHello(w io.Writer, token string) error {
+	if len(token) != DataTokenSize {
+		return fmt.Errorf("%w: data token of %d bytes", ErrBadRequest, len(token))
 	}
 	_, err := io.WriteString(w, token+"\n")
 	return err
 }
 
-// ReadDataChannelHello reads the token a client sent on a data channel.
-// It reads exactly the hello's bytes, so that r can carry on with HTTP/2.
-func ReadDataChannelHello(r io.Reader) (string, error) {
-	var buf [DataChannelTokenSize + 1]byte
+// ReadDataHello reads the token a client sent on a data connection. It
+// reads exactly the hello's bytes, so that r can carry on with HTTP.
+func ReadDataHello(r io.Reader) (string, error) {
+	var buf [DataTokenSize + 1]byte
 	if _, err := io.ReadFull(r, buf[:]); err != nil {
-		return "", fmt.Errorf("%w: data channel hello: %w", ErrBadRequest, err)
+		return "", fmt.Errorf("%w: data hello: %w", ErrBadRequest, err)
 	}
-	if buf[DataChannelTokenSize] != '\n' {
-		return "", fmt.Errorf("%w: data channel hello not terminated", ErrBadRequest)
+	if buf[DataTokenSize] != '\n' {
+		return "", fmt.Errorf("%w: data hello not terminated", ErrBadRequest)
 	}
-	return string(buf[:DataChannelTokenSize]), nil
+	return string(buf[:DataTokenSize]), nil
 }
 
 // ControlDrain announces that the client leaves: send it no new requests.

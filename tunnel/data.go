@@ -1,32 +1,51 @@
 package tunnel
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"sync"
 	"time"
-
-	"golang.org/x/net/http2"
 
 	"github.com/reverst-dev/reverst/protocol"
 )
 
-// ServeData accepts data channels (see package protocol) from ln, a TCP
-// listener, until ln fails or the server is shut down: it runs TLS with
-// config, whose NextProtos is replaced by protocol.DataChannelALPN, and
-// attaches each channel to the member whose token it presents. Until
-// ServeData is called, registrations are not offered a data channel and
+// Data connections (see package protocol) carry plain requests to members
+// over HTTP/1.1 on TCP, one request at a time per connection. They cost
+// a fraction of what quic-go costs per byte and per request, and a request
+// on one crosses no goroutine of ours but its own.
+
+// Limits of a member's data connections.
+const (
+	// maxDataConns bounds the data connections of one member; more are
+	// refused.
+	maxDataConns = 256
+	// maxIdleData bounds the idle ones; more are closed as they become
+	// idle.
+	maxIdleData = 64
+	// dataIdleTimeout closes a connection unused for that long, before a
+	// middlebox forgets it and a request finds it dead.
+	dataIdleTimeout = 30 * time.Second
+)
+
+// ServeData accepts data connections (see package protocol) from ln, a
+// TCP listener, until ln fails or the server is shut down: it runs TLS
+// with config, whose NextProtos is replaced by protocol.DataALPN, and
+// gives each connection to the member whose token it presents. Until
+// ServeData is called, registrations are not offered data connections and
 // every request travels over QUIC.
 //
 // It always returns a non-nil error; after Shutdown or Close, or once ln
 // is closed, it is ErrServerClosed. The caller keeps ownership of ln and
-// closes it; data channels already attached end with their members.
+// closes it; data connections already accepted end with their members.
 func (s *Server) ServeData(ln net.Listener, config *tls.Config) error {
 	config = config.Clone()
-	config.NextProtos = []string{protocol.DataChannelALPN}
+	config.NextProtos = []string{protocol.DataALPN}
 	s.dataOn.Store(true)
 	defer s.dataOn.Store(false)
 	for {
@@ -41,50 +60,30 @@ func (s *Server) ServeData(ln net.Listener, config *tls.Config) error {
 				time.Sleep(10 * time.Millisecond)
 				continue
 			}
-			return fmt.Errorf("tunnel: accepting data channels: %w", err)
+			return fmt.Errorf("tunnel: accepting data connections: %w", err)
 		}
 		go s.handleData(tls.Server(&readBatcher{Conn: c, pool: &s.readBufs}, config))
 	}
 }
 
-// handleData runs the data channel hello on c and attaches it.
-func (s *Server) handleData(c net.Conn) {
-	log := s.logger().With("remote", c.RemoteAddr().String())
+// handleData runs the hello on c and gives it to its member.
+func (s *Server) handleData(c *tls.Conn) {
 	m, err := s.dataHello(c)
+	if err == nil && !m.data.add(c) {
+		err = errors.New("member gone or at its data connection limit")
+	}
 	if err != nil {
-		s.Metrics.dataChannel("refused")
-		log.Debug("data channel refused", "error", err)
+		s.Metrics.dataConn("refused")
+		s.logger().Debug("data connection refused", "remote", c.RemoteAddr().String(), "error", err)
 		_ = c.Close()
 		return
 	}
-	cc, err := s.h2Transport().NewClientConn(c)
-	if err != nil {
-		s.Metrics.dataChannel("refused")
-		log.Debug("data channel refused", "error", err)
-		_ = c.Close()
-		return
-	}
-	if old := m.data.Swap(cc); old != nil {
-		// The client replaced a channel it found broken; requests still
-		// on the old one finish or fail on their own.
-		_ = old.Close()
-	}
-	if m.conn.Context().Err() != nil && m.data.CompareAndSwap(cc, nil) {
-		// The member left meanwhile, after its cleanup looked.
-		_ = cc.Close()
-		return
-	}
-	s.Metrics.dataChannel("ok")
-	log.Debug("data channel attached")
+	s.Metrics.dataConn("ok")
 }
 
-// dataHello checks that c is a data channel of a live member, and
+// dataHello checks that c is a data connection of a live member, and
 // accepts it.
-func (s *Server) dataHello(c net.Conn) (*member, error) {
-	tc, ok := c.(*tls.Conn)
-	if !ok {
-		return nil, errors.New("not a TLS connection")
-	}
+func (s *Server) dataHello(c *tls.Conn) (*member, error) {
 	timeout := s.RegisterTimeout
 	if timeout <= 0 {
 		timeout = DefaultRegisterTimeout
@@ -92,14 +91,11 @@ func (s *Server) dataHello(c net.Conn) (*member, error) {
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
 	deadline, _ := ctx.Deadline()
-	_ = tc.SetDeadline(deadline)
-	if err := tc.HandshakeContext(ctx); err != nil {
+	_ = c.SetDeadline(deadline)
+	if err := c.HandshakeContext(ctx); err != nil {
 		return nil, fmt.Errorf("TLS handshake: %w", err)
 	}
-	if p := tc.ConnectionState().NegotiatedProtocol; p != protocol.DataChannelALPN {
-		return nil, fmt.Errorf("application protocol %q", p)
-	}
-	token, err := protocol.ReadDataChannelHello(tc)
+	token, err := protocol.ReadDataHello(c)
 	if err != nil {
 		return nil, err
 	}
@@ -109,20 +105,20 @@ func (s *Server) dataHello(c net.Conn) (*member, error) {
 	if m == nil {
 		return nil, errors.New("unknown token")
 	}
-	if _, err := tc.Write([]byte{protocol.DataChannelOK}); err != nil {
+	if _, err := c.Write([]byte{protocol.DataOK}); err != nil {
 		return nil, err
 	}
-	_ = tc.SetDeadline(time.Time{})
+	_ = c.SetDeadline(time.Time{})
 	return m, nil
 }
 
-// offerData returns the token that lets m open a data channel, or "" when
-// the member did not ask for one or the server serves none.
+// offerData returns the token that lets m open data connections, or ""
+// when the member did not ask for them or the server takes none.
 func (s *Server) offerData(m *member, want string) string {
-	if want != protocol.DataChannelH2 || !s.dataOn.Load() {
+	if want != protocol.DataHTTP1 || !s.dataOn.Load() {
 		return ""
 	}
-	token := protocol.NewDataChannelToken()
+	token := protocol.NewDataToken()
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.tokens == nil {
@@ -133,32 +129,240 @@ func (s *Server) offerData(m *member, want string) string {
 	return token
 }
 
-// dropData forgets m's token and closes its data channel; m has left.
+// dropData forgets m's token and closes its data connections; m has left.
 func (s *Server) dropData(m *member) {
 	if m.token != "" {
 		s.mu.Lock()
 		delete(s.tokens, m.token)
 		s.mu.Unlock()
 	}
-	if cc := m.data.Swap(nil); cc != nil {
-		_ = cc.Close()
-	}
+	m.data.close()
 }
 
-// dataConn returns m's data channel when it can take a request.
-func (m *member) dataConn() *http2.ClientConn {
-	cc := m.data.Load()
-	if cc == nil || !cc.CanTakeNewRequest() {
+// dataConn is a data connection, idle in its pool or carrying one request.
+type dataConn struct {
+	conn      *tls.Conn
+	br        *bufio.Reader
+	bw        *bufio.Writer
+	idleSince time.Time
+}
+
+// dataPool holds a member's data connections. The zero value is an empty
+// pool.
+type dataPool struct {
+	mu     sync.Mutex
+	idle   []*dataConn // the most recently used last
+	all    map[*dataConn]struct{}
+	closed bool
+}
+
+// add puts a new connection in the pool; it reports false when the pool
+// is closed or full.
+func (p *dataPool) add(c *tls.Conn) bool {
+	dc := &dataConn{conn: c, br: bufio.NewReader(c), bw: bufio.NewWriter(c), idleSince: time.Now()}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed || len(p.all) >= maxDataConns {
+		return false
+	}
+	if p.all == nil {
+		p.all = map[*dataConn]struct{}{}
+	}
+	p.all[dc] = struct{}{}
+	p.idle = append(p.idle, dc)
+	return true
+}
+
+// get takes the most recently used idle connection, or returns nil.
+// Connections idle for too long are closed on the way.
+func (p *dataPool) get() *dataConn {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.expireLocked(time.Now())
+	n := len(p.idle)
+	if n == 0 {
 		return nil
 	}
-	return cc
+	dc := p.idle[n-1]
+	p.idle = p.idle[:n-1]
+	return dc
 }
 
-// readBatcher sits under a data channel's tls.Conn and reads as much as
+// put returns dc to the idle connections after a complete exchange.
+func (p *dataPool) put(dc *dataConn) {
+	now := time.Now()
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.closed || len(p.idle) >= maxIdleData {
+		p.dropLocked(dc)
+		return
+	}
+	dc.idleSince = now
+	p.idle = append(p.idle, dc)
+	p.expireLocked(now)
+}
+
+// discard closes dc, whose state is unknown after a failed exchange.
+func (p *dataPool) discard(dc *dataConn) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.dropLocked(dc)
+}
+
+func (p *dataPool) expireLocked(now time.Time) {
+	for len(p.idle) > 0 && now.Sub(p.idle[0].idleSince) > dataIdleTimeout {
+		p.dropLocked(p.idle[0])
+		p.idle = p.idle[1:]
+	}
+}
+
+func (p *dataPool) dropLocked(dc *dataConn) {
+	delete(p.all, dc)
+	_ = dc.conn.Close()
+}
+
+// closeIdle closes the idle connections: the member is draining, and
+// connections in use finish their request.
+func (p *dataPool) closeIdle() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for _, dc := range p.idle {
+		p.dropLocked(dc)
+	}
+	p.idle = nil
+}
+
+// close closes every connection and refuses new ones.
+func (p *dataPool) close() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.closed = true
+	for dc := range p.all {
+		p.dropLocked(dc)
+	}
+	p.idle = nil
+}
+
+// size returns the number of open connections.
+func (p *dataPool) size() int {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.all)
+}
+
+// roundTripData sends out on dc and returns the final response, passing
+// informational ones on to the visitor. The response body gives dc back
+// to p when it is read to its end and closed, and closes dc otherwise.
+// On error dc is closed; no part of a response was passed on then, so
+// that a request without a body may be sent again.
+func (s *Server) roundTripData(ctx context.Context, w http.ResponseWriter, p *dataPool, dc *dataConn, out *http.Request) (*http.Response, error) {
+	// The visitor leaving ends the exchange wherever it is; the
+	// connection cannot be reused then.
+	stop := context.AfterFunc(ctx, func() { _ = dc.conn.Close() })
+	fail := func(err error) (*http.Response, error) {
+		stop()
+		p.discard(dc)
+		if ctx.Err() != nil {
+			return nil, ctx.Err()
+		}
+		return nil, err
+	}
+
+	written := make(chan error, 1)
+	if out.Body == nil {
+		err := out.Write(dc.bw)
+		if err == nil {
+			err = dc.bw.Flush()
+		}
+		if err != nil {
+			return fail(err)
+		}
+		written <- nil
+	} else {
+		// The member may answer before it has read the whole body, and
+		// the body may need the answer to end (a visitor waiting for it).
+		go func() {
+			err := out.Write(dc.bw)
+			if err == nil {
+				err = dc.bw.Flush()
+			}
+			if err != nil {
+				_ = dc.conn.Close()
+			}
+			written <- err
+		}()
+	}
+
+	var res *http.Response
+	for n := 0; ; n++ {
+		var err error
+		res, err = http.ReadResponse(dc.br, out)
+		if err != nil {
+			return fail(err)
+		}
+		if res.StatusCode < 100 || res.StatusCode > 199 {
+			break
+		}
+		if res.StatusCode == http.StatusSwitchingProtocols || n == max1xx {
+			return fail(errBad1xx)
+		}
+		pass1xx(w, res.StatusCode, res.Header)
+	}
+	res.Body = &dataBody{body: res.Body, pool: p, dc: dc, reuse: !res.Close, written: written, stop: stop}
+	return res, nil
+}
+
+// dataBody is the body of a response read from a data connection.
+type dataBody struct {
+	body    io.ReadCloser
+	pool    *dataPool
+	dc      *dataConn
+	reuse   bool // the member did not ask to close the connection
+	eof     bool
+	written chan error
+	stop    func() bool
+}
+
+func (b *dataBody) Read(p []byte) (int, error) {
+	n, err := b.body.Read(p)
+	if err == io.EOF {
+		b.eof = true
+	}
+	return n, err
+}
+
+// Close gives the connection back when the exchange is complete on both
+// sides, and closes it otherwise. A body not read to its end is not
+// drained: it may be large, and nobody wants it.
+func (b *dataBody) Close() error {
+	stopped := b.stop()
+	if !b.eof {
+		_ = b.dc.conn.Close()
+	}
+	_ = b.body.Close()
+	reuse := b.eof && b.reuse && stopped
+	if reuse {
+		select {
+		case err := <-b.written:
+			reuse = err == nil
+		default:
+			// The member answered while the body was still being sent.
+			reuse = false
+		}
+	}
+	if reuse {
+		b.pool.put(b.dc)
+	} else {
+		b.pool.discard(b.dc)
+	}
+	return nil
+}
+
+// readBatcher sits under a data connection's tls.Conn and reads as much as
 // the socket holds at once: TLS asks for one record of at most 16 KiB at a
 // time, and on a bulk response each read would be a system call. The
 // buffer is borrowed from pool only while it holds data, so that idle
-// channels hold none.
+// connections hold none.
 type readBatcher struct {
 	net.Conn
 	pool *sync.Pool // of *[]byte of readBatchSize
@@ -166,7 +370,7 @@ type readBatcher struct {
 	r, w int
 }
 
-// readBatchSize is the most read from a data channel at once.
+// readBatchSize is the most read from a data connection at once.
 const readBatchSize = 256 << 10
 
 func (b *readBatcher) Read(p []byte) (int, error) {
@@ -199,18 +403,3 @@ func (b *readBatcher) release() {
 	b.pool.Put(b.buf)
 	b.buf = nil
 }
-
-func (s *Server) h2Transport() *http2.Transport {
-	s.proxyOnce.Do(s.initProxy)
-	return s.h2
-}
-
-// dataFrameSize is the largest HTTP/2 frame a member may send: large
-// enough that a bulk response costs few frames, small enough that the
-// frame buffer each channel keeps stays modest.
-const dataFrameSize = 1 << 20
-
-// dataPingAfter is how long a data channel may stay silent before it is
-// pinged: a TCP connection that a middlebox dropped is then closed, and
-// the member's requests go over QUIC.
-const dataPingAfter = 15 * time.Second

@@ -56,9 +56,11 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, g *group) (stat
 			stop func() bool
 			lost bool
 		)
-		if dc := m.dataConn(); dc != nil {
-			res, err = s.roundTrip(ctx, w, dc, out)
-			lost = err != nil && (dc.State().Closed || connectionLost(m, err))
+		if dc := m.data.get(); dc != nil {
+			// Any failure before the response header leaves nothing
+			// passed on: the connection is what failed.
+			res, err = s.roundTripData(ctx, w, &m.data, dc, out)
+			lost = err != nil
 		} else {
 			res, stop, err = s.exchange(ctx, w, m, out)
 			lost = err != nil && connectionLost(m, err)
@@ -308,6 +310,8 @@ func (s *Server) outgoing(r *http.Request) *http.Request {
 		}
 	}
 	deleteListed(h, in["Connection"])
+	// The frontend answered the visitor's expectation already.
+	delete(h, "Expect")
 	// Tell the member that the visitor accepts trailers, as it asked.
 	if httpguts.HeaderValuesContainsToken(in["Te"], "trailers") {
 		h["Te"] = []string{"trailers"}

@@ -12,7 +12,6 @@ import (
 
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
-	"golang.org/x/net/http2"
 )
 
 // Authenticator decides whether a registration may join a group. It returns
@@ -199,9 +198,9 @@ type member struct {
 	since    time.Time
 	inflight atomic.Int64
 	draining atomic.Bool
-	// token and data are the member's data channel, if it has one.
+	// token admits the member's data connections to data.
 	token string
-	data  atomic.Pointer[http2.ClientConn]
+	data  dataPool
 }
 
 func (m *member) usable() bool {

@@ -16,7 +16,7 @@ type Metrics struct {
 	members       *prometheus.GaugeVec
 	requests      *prometheus.CounterVec
 	latency       *prometheus.HistogramVec
-	dataChannels  *prometheus.CounterVec
+	dataConns     *prometheus.CounterVec
 }
 
 // NewMetrics creates the metrics and registers them with reg.
@@ -39,13 +39,13 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 			Help:    "Time to proxy a frontend request, until the response body is done.",
 			Buckets: prometheus.ExponentialBuckets(0.0005, 2.5, 14),
 		}, []string{"group"}),
-		dataChannels: prometheus.NewCounterVec(prometheus.CounterOpts{
-			Namespace: "reverst", Name: "data_channels_total",
-			Help: "Data channel connections by result (ok, refused).",
+		dataConns: prometheus.NewCounterVec(prometheus.CounterOpts{
+			Namespace: "reverst", Name: "data_connections_total",
+			Help: "Data connections from members by result (ok, refused).",
 		}, []string{"result"}),
 	}
 	if reg != nil {
-		reg.MustRegister(m.registrations, m.members, m.requests, m.latency, m.dataChannels)
+		reg.MustRegister(m.registrations, m.members, m.requests, m.latency, m.dataConns)
 	}
 	return m
 }
@@ -79,11 +79,11 @@ func (m *Metrics) request(group string, status int, d time.Duration) {
 	m.latency.WithLabelValues(group).Observe(d.Seconds())
 }
 
-func (m *Metrics) dataChannel(result string) {
+func (m *Metrics) dataConn(result string) {
 	if m == nil {
 		return
 	}
-	m.dataChannels.WithLabelValues(result).Inc()
+	m.dataConns.WithLabelValues(result).Inc()
 }
 
 func statusClass(code int) string {

@@ -10,7 +10,6 @@ import (
 	"time"
 
 	"github.com/quic-go/quic-go/http3"
-	"golang.org/x/net/http2"
 
 	"github.com/reverst-dev/reverst/groups"
 )
@@ -36,15 +35,6 @@ func (s *Server) initProxy() {
 		// must never decompress on its behalf.
 		DisableCompression:     true,
 		MaxResponseHeaderBytes: s.MaxResponseHeaderBytes,
-	}
-	s.h2 = &http2.Transport{
-		DisableCompression: true,
-		MaxReadFrameSize:   dataFrameSize,
-		ReadIdleTimeout:    dataPingAfter,
-		PingTimeout:        5 * time.Second,
-	}
-	if s.MaxResponseHeaderBytes > 0 {
-		s.h2.MaxHeaderListSize = uint32(s.MaxResponseHeaderBytes)
 	}
 	s.buffers = &bufferPool{size: 32 << 10}
 	s.bulkBuffers = &bufferPool{size: bulkSize}

@@ -88,8 +88,8 @@ func (s *Server) register(conn *quic.Conn) (*group, *member, *quic.Stream, *prot
 		since:  time.Now(),
 	}
 	resp := &protocol.RegisterResponse{Version: protocol.Version, Code: protocol.ResponseOK}
-	if token := s.offerData(m, req.Metadata[protocol.MetadataDataChannel]); token != "" {
-		resp.Metadata = map[string]string{protocol.MetadataDataChannel: token}
+	if token := s.offerData(m, req.Metadata[protocol.MetadataData]); token != "" {
+		resp.Metadata = map[string]string{protocol.MetadataData: token}
 	}
 	if err := protocol.WriteResponse(stream, resp); err != nil {
 		s.dropData(m)
@@ -157,6 +157,7 @@ func (s *Server) control(stream *quic.Stream, m *member, log *slog.Logger) {
 		}
 		if msg.Type == protocol.ControlDrain && !m.draining.Swap(true) {
 			log.Info("member draining")
+			m.data.closeIdle()
 		}
 	}
 }

@@ -23,7 +23,6 @@ import (
 
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
-	"golang.org/x/net/http2"
 
 	"github.com/reverst-dev/reverst/groups"
 	"github.com/reverst-dev/reverst/protocol"
@@ -78,7 +77,6 @@ type Server struct {
 
 	proxyOnce   sync.Once
 	h3          *http3.Transport
-	h2          *http2.Transport
 	buffers     *bufferPool
 	bulkBuffers *bufferPool
 
@@ -280,9 +278,9 @@ type MemberStatus struct {
 	Since      time.Time `json:"since"`
 	InFlight   int64     `json:"inFlight"`
 	Draining   bool      `json:"draining"`
-	// DataChannel tells whether requests go over a data channel (TCP)
-	// rather than the QUIC connection.
-	DataChannel bool `json:"dataChannel"`
+	// DataConns is the number of the member's data connections (TCP),
+	// which carry its plain requests while one is idle.
+	DataConns int `json:"dataConns"`
 }
 
 // Status returns every group with its hosts and members, sorted by name.
@@ -299,11 +297,11 @@ func (s *Server) Status() []GroupStatus {
 		}
 		for _, m := range *g.members.Load() {
 			gs.Members = append(gs.Members, MemberStatus{
-				RemoteAddr:  m.remote.String(),
-				Since:       m.since,
-				InFlight:    m.inflight.Load(),
-				Draining:    m.draining.Load(),
-				DataChannel: m.dataConn() != nil,
+				RemoteAddr: m.remote.String(),
+				Since:      m.since,
+				InFlight:   m.inflight.Load(),
+				Draining:   m.draining.Load(),
+				DataConns:  m.data.size(),
 			})
 		}
 		out = append(out, gs)
