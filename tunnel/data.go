@@ -62,14 +62,15 @@ func (s *Server) ServeData(ln net.Listener, config *tls.Config) error {
 			}
 			return fmt.Errorf("tunnel: accepting data connections: %w", err)
 		}
-		go s.handleData(tls.Server(&readBatcher{Conn: c, pool: &s.readBufs}, config))
+		raw := &readBatcher{Conn: c, pool: &s.readBufs}
+		go s.handleData(tls.Server(raw, config), raw)
 	}
 }
 
 // handleData runs the hello on c and gives it to its member.
-func (s *Server) handleData(c *tls.Conn) {
+func (s *Server) handleData(c *tls.Conn, raw *readBatcher) {
 	m, err := s.dataHello(c)
-	if err == nil && !m.data.add(c) {
+	if err == nil && !m.data.add(c, raw) {
 		err = errors.New("member gone or at its data connection limit")
 	}
 	if err != nil {
@@ -142,6 +143,7 @@ func (s *Server) dropData(m *member) {
 // dataConn is a data connection, idle in its pool or carrying one request.
 type dataConn struct {
 	conn      *tls.Conn
+	raw       *readBatcher // under conn
 	br        *bufio.Reader
 	bw        *bufio.Writer
 	idleSince time.Time
@@ -158,8 +160,8 @@ type dataPool struct {
 
 // add puts a new connection in the pool; it reports false when the pool
 // is closed or full.
-func (p *dataPool) add(c *tls.Conn) bool {
-	dc := &dataConn{conn: c, br: bufio.NewReader(c), bw: bufio.NewWriter(c), idleSince: time.Now()}
+func (p *dataPool) add(c *tls.Conn, raw *readBatcher) bool {
+	dc := &dataConn{conn: c, raw: raw, br: bufio.NewReader(c), bw: bufio.NewWriter(c), idleSince: time.Now()}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed || len(p.all) >= maxDataConns {
@@ -329,6 +331,12 @@ func (b *dataBody) Read(p []byte) (int, error) {
 		b.eof = true
 	}
 	return n, err
+}
+
+// buffered reports whether more of the body can be read without waiting
+// for the network.
+func (b *dataBody) buffered() bool {
+	return b.dc.br.Buffered() > 0 || b.dc.raw.buf != nil
 }
 
 // Close gives the connection back when the exchange is complete on both

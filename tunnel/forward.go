@@ -238,12 +238,22 @@ func (s *Server) respond(w http.ResponseWriter, g *group, res *http.Response) (a
 	}
 	buf := pool.get()
 	defer pool.put(buf)
+	// A body that says more is at hand is read on before writing: TLS
+	// returns at most a record (16 KiB) per read, and each write to the
+	// visitor is a system call.
+	more, _ := res.Body.(interface{ buffered() bool })
+	filled := 0
 	for {
-		n, rerr := res.Body.Read(*buf)
-		if n > 0 {
-			if _, werr := w.Write((*buf)[:n]); werr != nil {
+		n, rerr := res.Body.Read((*buf)[filled:])
+		filled += n
+		if rerr == nil && rc == nil && more != nil && filled < len(*buf) && more.buffered() {
+			continue
+		}
+		if filled > 0 {
+			if _, werr := w.Write((*buf)[:filled]); werr != nil {
 				return true
 			}
+			filled = 0
 			if rc != nil {
 				_ = rc.Flush()
 			}
