@@ -260,7 +260,7 @@ func (p *dataPool) size() int {
 func (s *Server) roundTripData(ctx context.Context, w http.ResponseWriter, p *dataPool, dc *dataConn, out *http.Request) (*http.Response, error) {
 	// The visitor leaving ends the exchange wherever it is; the
 	// connection cannot be reused then.
-	stop := context.AfterFunc(ctx, func() { _ = dc.conn.Close() })
+	stop := context.AfterFunc(ctx, func() { _ = dc.raw.Conn.Close() })
 	fail := func(err error) (*http.Response, error) {
 		stop()
 		p.discard(dc)

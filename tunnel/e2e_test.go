@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"strings"
 	"sync"
@@ -34,7 +35,7 @@ type member struct {
 // until it is registered.
 func (e *env) join(t testing.TB, group, name string, authn client.Authenticator) *member {
 	t.Helper()
-	ready := make(chan struct{}, 1)
+	ready := make(chan string, 1)
 	m := &member{done: make(chan error, 1)}
 	m.srv = &client.Server{
 		TunnelGroup: group,
@@ -44,16 +45,18 @@ func (e *env) join(t testing.TB, group, name string, authn client.Authenticator)
 				r.Header.Get("X-Forwarded-For"), r.Header.Get("X-Forwarded-Host"), r.Header.Get("X-Forwarded-Proto"))
 		}),
 		TLSConfig:     e.clientTLS(),
+		QUICOnly:      e.quicOnly,
 		Authenticator: authn,
 		MinBackoff:    50 * time.Millisecond,
 		MaxBackoff:    200 * time.Millisecond,
-		OnConnectionReady: func(client.ConnectionInfo) {
+		OnConnectionReady: func(info client.ConnectionInfo) {
 			select {
-			case ready <- struct{}{}:
+			case ready <- info.LocalAddr.String():
 			default:
 			}
 		},
 	}
+	var local string
 	ctx, cancel := context.WithCancel(context.Background())
 	go func() { m.done <- m.srv.DialAndServe(ctx, e.addr) }()
 	t.Cleanup(func() {
@@ -61,7 +64,7 @@ func (e *env) join(t testing.TB, group, name string, authn client.Authenticator)
 		<-m.done
 	})
 	select {
-	case <-ready:
+	case local = <-ready:
 	case err := <-m.done:
 		m.done <- err
 		t.Fatalf("client %s ended: %v", name, err)
@@ -69,6 +72,7 @@ func (e *env) join(t testing.TB, group, name string, authn client.Authenticator)
 		t.Fatalf("client %s not registered in time", name)
 	}
 	e.waitMembers(t, group, func(int) bool { return true })
+	e.waitData(t, group, local)
 	return m
 }
 
@@ -93,53 +97,97 @@ func (e *env) waitMembers(t testing.TB, group string, ok func(int) bool) {
 	}
 }
 
-func TestRequestThroughTunnel(t *testing.T) {
-	e := startServer(t, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
-	e.join(t, "svc", "a", nil)
-	code, body := e.get(t, "SVC.example:8181", "/fo")
-	if code != http.StatusOK {
-		t.Fatalf("got %d %q", code, body)
+// samePort compares the ports of two addresses: the client's local address
+// is its socket's wildcard one.
+func samePort(a, b string) bool {
+	_, pa, _ := net.SplitHostPort(a)
+	_, pb, _ := net.SplitHostPort(b)
+	return pa == pb
+}
+
+// waitData waits, unless members stay on QUIC or cannot reach the data
+// port, until the member of group
+// whose local address is remote has its spare data connections, so that
+// requests take them.
+func (e *env) waitData(t testing.TB, group, remote string) {
+	t.Helper()
+	if e.quicOnly || !samePort(e.addr, e.dataAddr) {
+		return
 	}
-	for _, want := range []string{"a GET /fo", "host=SVC.example:8181", "xff=127.0.0.1", "xfh=SVC.example:8181", "xfp=http"} {
-		if !strings.Contains(body, want) {
-			t.Errorf("body %q lacks %q", body, want)
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		ready := false
+		for _, g := range e.srv.Status() {
+			for _, m := range g.Members {
+				ready = ready || g.Name == group && samePort(m.RemoteAddr, remote) && m.DataConns >= 4
+			}
 		}
+		if ready {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("group %s: members without data connections: %+v", group, e.srv.Status())
+		}
+		time.Sleep(5 * time.Millisecond)
 	}
 }
 
-func TestRequestsSpreadOverMembers(t *testing.T) {
-	e := startServer(t, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
-	e.join(t, "svc", "a", nil)
-	e.join(t, "svc", "b", nil)
-	e.waitMembers(t, "svc", func(n int) bool { return n == 2 })
-	seen := map[string]int{}
-	for range 20 {
-		code, body := e.get(t, "svc.example", "/")
+func TestRequestThroughTunnel(t *testing.T) {
+	paths(t, func(t *testing.T, quicOnly bool) {
+		e := startServer(t, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
+		e.quicOnly = quicOnly
+		e.join(t, "svc", "a", nil)
+		code, body := e.get(t, "SVC.example:8181", "/fo")
 		if code != http.StatusOK {
 			t.Fatalf("got %d %q", code, body)
 		}
-		seen[strings.Fields(body)[0]]++
-	}
-	if seen["a"] < 5 || seen["b"] < 5 {
-		t.Fatalf("requests not spread: %v", seen)
-	}
+		for _, want := range []string{"a GET /fo", "host=SVC.example:8181", "xff=127.0.0.1", "xfh=SVC.example:8181", "xfp=http"} {
+			if !strings.Contains(body, want) {
+				t.Errorf("body %q lacks %q", body, want)
+			}
+		}
+	})
+}
+
+func TestRequestsSpreadOverMembers(t *testing.T) {
+	paths(t, func(t *testing.T, quicOnly bool) {
+		e := startServer(t, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
+		e.quicOnly = quicOnly
+		e.join(t, "svc", "a", nil)
+		e.join(t, "svc", "b", nil)
+		e.waitMembers(t, "svc", func(n int) bool { return n == 2 })
+		seen := map[string]int{}
+		for range 20 {
+			code, body := e.get(t, "svc.example", "/")
+			if code != http.StatusOK {
+				t.Fatalf("got %d %q", code, body)
+			}
+			seen[strings.Fields(body)[0]]++
+		}
+		if seen["a"] < 5 || seen["b"] < 5 {
+			t.Fatalf("requests not spread: %v", seen)
+		}
+	})
 }
 
 func TestMemberLeavesGroup(t *testing.T) {
-	e := startServer(t, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
-	a := e.join(t, "svc", "a", nil)
-	e.join(t, "svc", "b", nil)
-	e.waitMembers(t, "svc", func(n int) bool { return n == 2 })
-	if err := a.srv.Close(); err != nil {
-		t.Fatal(err)
-	}
-	e.waitMembers(t, "svc", func(n int) bool { return n == 1 })
-	for range 10 {
-		code, body := e.get(t, "svc.example", "/")
-		if code != http.StatusOK || !strings.HasPrefix(body, "b ") {
-			t.Fatalf("after a left: got %d %q", code, body)
+	paths(t, func(t *testing.T, quicOnly bool) {
+		e := startServer(t, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
+		e.quicOnly = quicOnly
+		a := e.join(t, "svc", "a", nil)
+		e.join(t, "svc", "b", nil)
+		e.waitMembers(t, "svc", func(n int) bool { return n == 2 })
+		if err := a.srv.Close(); err != nil {
+			t.Fatal(err)
 		}
-	}
+		e.waitMembers(t, "svc", func(n int) bool { return n == 1 })
+		for range 10 {
+			code, body := e.get(t, "svc.example", "/")
+			if code != http.StatusOK || !strings.HasPrefix(body, "b ") {
+				t.Fatalf("after a left: got %d %q", code, body)
+			}
+		}
+	})
 }
 
 func TestRegistrationErrors(t *testing.T) {
@@ -259,31 +307,34 @@ reverst_registrations_total{group="svc",result="ok"} 1
 }
 
 func TestConcurrentRequests(t *testing.T) {
-	e := startServer(t, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
-	e.join(t, "svc", "a", nil)
-	e.join(t, "svc", "b", nil)
-	var wg sync.WaitGroup
-	errs := make(chan error, 200)
-	for i := range 200 {
-		wg.Go(func() {
-			req, _ := http.NewRequest(http.MethodGet, e.frontend+fmt.Sprintf("/%d", i), nil)
-			req.Host = "svc.example"
-			resp, err := http.DefaultClient.Do(req)
-			if err != nil {
-				errs <- err
-				return
-			}
-			resp.Body.Close()
-			if resp.StatusCode != http.StatusOK {
-				errs <- fmt.Errorf("status %d", resp.StatusCode)
-			}
-		})
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Error(err)
-	}
+	paths(t, func(t *testing.T, quicOnly bool) {
+		e := startServer(t, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
+		e.quicOnly = quicOnly
+		e.join(t, "svc", "a", nil)
+		e.join(t, "svc", "b", nil)
+		var wg sync.WaitGroup
+		errs := make(chan error, 200)
+		for i := range 200 {
+			wg.Go(func() {
+				req, _ := http.NewRequest(http.MethodGet, e.frontend+fmt.Sprintf("/%d", i), nil)
+				req.Host = "svc.example"
+				resp, err := http.DefaultClient.Do(req)
+				if err != nil {
+					errs <- err
+					return
+				}
+				resp.Body.Close()
+				if resp.StatusCode != http.StatusOK {
+					errs <- fmt.Errorf("status %d", resp.StatusCode)
+				}
+			})
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Error(err)
+		}
+	})
 }
 
 func TestWildcardHosts(t *testing.T) {
@@ -352,58 +403,61 @@ func TestForwardedHeaders(t *testing.T) {
 }
 
 func TestMemberRequestLimit(t *testing.T) {
-	e := startServerWith(t, func(s *tunnel.Server) {
-		s.MaxRequestsPerMember = 2
-		s.QueueTimeout = 300 * time.Millisecond
-	}, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
-	release := make(chan struct{})
-	ready := make(chan struct{}, 1)
-	srv := &client.Server{
-		TunnelGroup: "svc",
-		TLSConfig:   e.clientTLS(),
-		Logger:      slog.New(slog.DiscardHandler),
-		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			if r.URL.Path == "/slow" {
-				<-release
-			}
-			fmt.Fprint(w, "done")
-		}),
-		OnConnectionReady: func(client.ConnectionInfo) { ready <- struct{}{} },
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	go func() { _ = srv.DialAndServe(ctx, e.addr) }()
-	<-ready
-	e.waitMembers(t, "svc", func(n int) bool { return n == 1 })
+	paths(t, func(t *testing.T, quicOnly bool) {
+		e := startServerWith(t, func(s *tunnel.Server) {
+			s.MaxRequestsPerMember = 2
+			s.QueueTimeout = 300 * time.Millisecond
+		}, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
+		e.quicOnly = quicOnly
+		release := make(chan struct{})
+		ready := make(chan struct{}, 1)
+		srv := &client.Server{
+			TunnelGroup: "svc",
+			TLSConfig:   e.clientTLS(),
+			Logger:      slog.New(slog.DiscardHandler),
+			Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if r.URL.Path == "/slow" {
+					<-release
+				}
+				fmt.Fprint(w, "done")
+			}),
+			OnConnectionReady: func(client.ConnectionInfo) { ready <- struct{}{} },
+		}
+		ctx, cancel := context.WithCancel(context.Background())
+		defer cancel()
+		go func() { _ = srv.DialAndServe(ctx, e.addr) }()
+		<-ready
+		e.waitMembers(t, "svc", func(n int) bool { return n == 1 })
 
-	results := make(chan int, 3)
-	for range 3 {
-		go func() {
-			code, _ := e.get(t, "svc.example", "/slow")
-			results <- code
-		}()
-	}
-	// Two are in flight, the third queues; with nothing freeing up, a
-	// fourth request times out in the queue.
-	time.Sleep(100 * time.Millisecond)
-	start := time.Now()
-	code, body := e.get(t, "svc.example", "/fast")
-	if code != http.StatusServiceUnavailable || !strings.Contains(body, "busy") {
-		t.Fatalf("over the limit: got %d %q, want 503 busy", code, body)
-	}
-	if d := time.Since(start); d < 250*time.Millisecond {
-		t.Fatalf("answered after %s, before the queue timeout", d)
-	}
-	close(release)
-	got := map[int]int{}
-	for range 3 {
-		got[<-results]++
-	}
-	// The queued request got a slot when the first two finished, or timed
-	// out while they were held: either way none failed otherwise.
-	if got[http.StatusOK]+got[http.StatusServiceUnavailable] != 3 || got[http.StatusOK] < 2 {
-		t.Fatalf("slow requests: %v", got)
-	}
+		results := make(chan int, 3)
+		for range 3 {
+			go func() {
+				code, _ := e.get(t, "svc.example", "/slow")
+				results <- code
+			}()
+		}
+		// Two are in flight, the third queues; with nothing freeing up, a
+		// fourth request times out in the queue.
+		time.Sleep(100 * time.Millisecond)
+		start := time.Now()
+		code, body := e.get(t, "svc.example", "/fast")
+		if code != http.StatusServiceUnavailable || !strings.Contains(body, "busy") {
+			t.Fatalf("over the limit: got %d %q, want 503 busy", code, body)
+		}
+		if d := time.Since(start); d < 250*time.Millisecond {
+			t.Fatalf("answered after %s, before the queue timeout", d)
+		}
+		close(release)
+		got := map[int]int{}
+		for range 3 {
+			got[<-results]++
+		}
+		// The queued request got a slot when the first two finished, or timed
+		// out while they were held: either way none failed otherwise.
+		if got[http.StatusOK]+got[http.StatusServiceUnavailable] != 3 || got[http.StatusOK] < 2 {
+			t.Fatalf("slow requests: %v", got)
+		}
+	})
 }
 
 func TestRegistrationRateLimit(t *testing.T) {

@@ -79,6 +79,15 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, g *group) (stat
 			}
 			return s.proxyError(w, r, g, err), false
 		}
+		if err := ctx.Err(); err != nil {
+			// The visitor left as the answer came: nobody reads it.
+			_ = res.Body.Close()
+			if stop != nil {
+				stop()
+			}
+			g.release(m)
+			return s.proxyError(w, r, g, err), false
+		}
 		abort = s.respond(w, g, res)
 		_ = res.Body.Close()
 		if stop != nil {

@@ -24,9 +24,13 @@ import (
 // env is a running tunnel server on loopback.
 type env struct {
 	srv      *tunnel.Server
-	addr     string // QUIC
+	addr     string // QUIC, and TCP for data connections on the same port
+	dataAddr string // where data connections are served
 	frontend string // http://...
 	roots    *x509.CertPool
+	pki      *testpki.PKI
+	// quicOnly makes the members of join and serve stay on QUIC.
+	quicOnly bool
 }
 
 func startServer(t testing.TB, defs ...tunnel.Group) *env {
@@ -35,10 +39,28 @@ func startServer(t testing.TB, defs ...tunnel.Group) *env {
 }
 
 // startServerWith lets configure set the server's fields before it starts.
+// The server takes data connections on the TCP port of its QUIC address.
 func startServerWith(t testing.TB, configure func(*tunnel.Server), defs ...tunnel.Group) *env {
 	t.Helper()
+	return startServerData(t, true, configure, defs...)
+}
+
+// startServerData starts a server whose data connections are served on
+// the QUIC port when samePort, and on another port (which clients never
+// reach) otherwise.
+func startServerData(t testing.TB, samePort bool, configure func(*tunnel.Server), defs ...tunnel.Group) *env {
+	t.Helper()
 	pki := testpki.New(t)
-	ln, err := quic.ListenAddr("127.0.0.1:0", &tls.Config{
+	udp, tcp := listenPair(t)
+	if !samePort {
+		tcp.Close()
+		var err error
+		if tcp, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tr := &quic.Transport{Conn: udp}
+	ln, err := tr.Listen(&tls.Config{
 		Certificates: []tls.Certificate{pki.Cert},
 		NextProtos:   []string{protocol.ALPN},
 		MinVersion:   tls.VersionTLS13,
@@ -51,8 +73,11 @@ func startServerWith(t testing.TB, configure func(*tunnel.Server), defs ...tunne
 	if err := srv.SetGroups(defs); err != nil {
 		t.Fatal(err)
 	}
-	served := make(chan error, 1)
+	served := make(chan error, 2)
 	go func() { served <- srv.Serve(ln) }()
+	go func() {
+		served <- srv.ServeData(tcp, &tls.Config{Certificates: []tls.Certificate{pki.Cert}, MinVersion: tls.VersionTLS13})
+	}()
 	front := httptest.NewServer(srv)
 	t.Cleanup(func() {
 		front.Close()
@@ -62,11 +87,41 @@ func startServerWith(t testing.TB, configure func(*tunnel.Server), defs ...tunne
 			t.Errorf("shutdown: %v", err)
 		}
 		ln.Close()
-		if err := <-served; !errors.Is(err, tunnel.ErrServerClosed) {
-			t.Errorf("Serve returned %v, want ErrServerClosed", err)
+		tcp.Close()
+		for range 2 {
+			if err := <-served; !errors.Is(err, tunnel.ErrServerClosed) {
+				t.Errorf("Serve or ServeData returned %v, want ErrServerClosed", err)
+			}
 		}
+		tr.Close()
 	})
-	return &env{srv: srv, addr: ln.Addr().String(), frontend: front.URL, roots: pki.Pool}
+	return &env{srv: srv, addr: ln.Addr().String(), dataAddr: tcp.Addr().String(), frontend: front.URL, roots: pki.Pool, pki: pki}
+}
+
+// listenPair opens a UDP socket and a TCP listener on the same loopback
+// port, as the server's tunnel address has.
+func listenPair(t testing.TB) (*net.UDPConn, net.Listener) {
+	t.Helper()
+	for range 20 {
+		udp, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		tcp, err := net.Listen("tcp", udp.LocalAddr().String())
+		if err == nil {
+			return udp, tcp
+		}
+		udp.Close()
+	}
+	t.Fatal("no port free for both UDP and TCP")
+	return nil, nil
+}
+
+// paths runs f once with members on data connections and once with
+// members on QUIC only.
+func paths(t *testing.T, f func(t *testing.T, quicOnly bool)) {
+	t.Run("data", func(t *testing.T) { f(t, false) })
+	t.Run("quic", func(t *testing.T) { f(t, true) })
 }
 
 func (e *env) clientTLS() *tls.Config {

@@ -1,0 +1,330 @@
+package tunnel_test
+
+import (
+	"bytes"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"encoding/hex"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/testutil"
+
+	"github.com/reverst-dev/reverst/client"
+	"github.com/reverst-dev/reverst/protocol"
+	"github.com/reverst-dev/reverst/tunnel"
+)
+
+// dataConns returns the data connections of the members of group.
+func (e *env) dataConns(group string) []int {
+	var n []int
+	for _, g := range e.srv.Status() {
+		if g.Name == group {
+			for _, m := range g.Members {
+				n = append(n, m.DataConns)
+			}
+		}
+	}
+	return n
+}
+
+// Plain requests take the data connections (HTTP/1.1 at the member), and
+// bodies of several MiB cross them intact both ways; members on QUIC only
+// get HTTP/3.
+func TestDataConnectionsCarryRequests(t *testing.T) {
+	paths(t, func(t *testing.T, quicOnly bool) {
+		e := startServer(t, svc)
+		e.quicOnly = quicOnly
+		var protos sync.Map
+		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			protos.Store(r.Proto, true)
+			h := sha256.New()
+			n, err := io.Copy(h, r.Body)
+			if err != nil {
+				http.Error(w, err.Error(), http.StatusBadRequest)
+				return
+			}
+			w.Header().Set("X-Body-Sha256", hex.EncodeToString(h.Sum(nil)))
+			w.Header().Set("X-Body-Len", fmt.Sprint(n))
+			if r.URL.Path == "/big" {
+				_, _ = io.CopyN(w, bytes.NewReader(bigBody), int64(len(bigBody)))
+			}
+		}))
+
+		resp := e.do(t, e.newRequest(t, t.Context(), http.MethodGet, "/big", nil))
+		got, err := io.ReadAll(resp.Body)
+		if err != nil || resp.StatusCode != http.StatusOK || !bytes.Equal(got, bigBody) {
+			t.Fatalf("GET /big: %d, %d bytes, %v", resp.StatusCode, len(got), err)
+		}
+
+		upload := make([]byte, 3<<20+17)
+		_, _ = rand.Read(upload)
+		sum := sha256.Sum256(upload)
+		resp = e.do(t, e.newRequest(t, t.Context(), http.MethodPost, "/upload", bytes.NewReader(upload)))
+		_, _ = io.Copy(io.Discard, resp.Body)
+		if h := resp.Header.Get("X-Body-Sha256"); resp.StatusCode != http.StatusOK || h != hex.EncodeToString(sum[:]) {
+			t.Fatalf("POST: %d, member saw %s bytes with sha256 %s", resp.StatusCode, resp.Header.Get("X-Body-Len"), h)
+		}
+
+		want := "HTTP/1.1"
+		if quicOnly {
+			want = "HTTP/3.0"
+		}
+		protos.Range(func(k, _ any) bool {
+			if k != want {
+				t.Errorf("member got a request over %s, want only %s", k, want)
+			}
+			return true
+		})
+		if n := e.dataConns("svc"); len(n) != 1 || (n[0] == 0) != quicOnly {
+			t.Errorf("data connections per member: %v", n)
+		}
+	})
+}
+
+var bigBody = func() []byte {
+	b := make([]byte, 4<<20+3)
+	for i := range b {
+		b[i] = byte(i * 7)
+	}
+	return b
+}()
+
+// A burst of long requests arriving one after the other finds a spare data
+// connection each time: the member opens new spares as they get busy.
+func TestDataConnectionsGrowWithLoad(t *testing.T) {
+	e := startServer(t, svc)
+	release := make(chan struct{})
+	var onData, onQUIC atomic.Int64
+	e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.ProtoMajor == 1 {
+			onData.Add(1)
+		} else {
+			onQUIC.Add(1)
+		}
+		<-release
+	}))
+	const n = 16
+	var wg sync.WaitGroup
+	for range n {
+		wg.Go(func() {
+			resp := e.do(t, e.newRequest(t, t.Context(), http.MethodGet, "/", nil))
+			_, _ = io.Copy(io.Discard, resp.Body)
+		})
+		time.Sleep(20 * time.Millisecond)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for onData.Load()+onQUIC.Load() < n && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+	conns := e.dataConns("svc")
+	close(release)
+	wg.Wait()
+	t.Logf("%d requests on data connections, %d on QUIC; %v data connections", onData.Load(), onQUIC.Load(), conns)
+	if onData.Load() != n {
+		t.Errorf("%d of %d requests went over data connections", onData.Load(), n)
+	}
+	if len(conns) != 1 || conns[0] < n+4 {
+		t.Errorf("data connections %v, want at least %d (busy plus spares)", conns, n+4)
+	}
+}
+
+// A data connection that dies before the answer of a request without a
+// body costs the visitor nothing: the request is sent again.
+func TestDataConnectionLostBeforeAnswerRetried(t *testing.T) {
+	e := startServer(t, svc)
+	var calls atomic.Int64
+	e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if calls.Add(1) == 1 {
+			c, _, err := http.NewResponseController(w).Hijack()
+			if err != nil {
+				t.Errorf("hijack: %v", err)
+				return
+			}
+			c.Close()
+			return
+		}
+		io.WriteString(w, "second try")
+	}))
+	code, body := e.get(t, "svc.example", "/")
+	if code != http.StatusOK || body != "second try" || calls.Load() != 2 {
+		t.Fatalf("got %d %q after %d calls, want 200 \"second try\" after 2", code, body, calls.Load())
+	}
+}
+
+// Where TCP to the tunnel port does not get through, the member notices
+// and serves over QUIC.
+func TestDataConnectionsUnreachable(t *testing.T) {
+	e := startServerData(t, false, func(*tunnel.Server) {}, svc)
+	var proto atomic.Value
+	e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		proto.Store(r.Proto)
+		io.WriteString(w, "ok")
+	}))
+	time.Sleep(300 * time.Millisecond) // a few failed dials
+	if code, body := e.get(t, "svc.example", "/"); code != http.StatusOK || body != "ok" {
+		t.Fatalf("got %d %q", code, body)
+	}
+	if p := proto.Load(); p != "HTTP/3.0" {
+		t.Errorf("served over %v", p)
+	}
+	if n := e.dataConns("svc"); len(n) != 1 || n[0] != 0 {
+		t.Errorf("data connections %v", n)
+	}
+}
+
+// A data connection that cannot show a live member's token is closed
+// without an answer, and disturbs nobody else.
+func TestDataConnectionRefused(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	e := startServerWith(t, func(s *tunnel.Server) { s.Metrics = tunnel.NewMetrics(reg) }, svc)
+	e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "fine") }))
+
+	tlsConf := func(alpn string) *tls.Config {
+		return &tls.Config{RootCAs: e.roots, ServerName: "localhost", NextProtos: []string{alpn}}
+	}
+	cases := []struct {
+		name  string
+		alpn  string
+		hello string
+	}{
+		{"unknown token", protocol.DataALPN, protocol.NewDataToken() + "\n"},
+		{"unterminated", protocol.DataALPN, strings.Repeat("a", protocol.DataTokenSize+1)},
+		{"HTTP instead", protocol.DataALPN, "GET / HTTP/1.1\r\nHost: svc.example\r\n\r\n"},
+		{"other ALPN", "h2", protocol.NewDataToken() + "\n"},
+	}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			c, err := tls.Dial("tcp", e.addr, tlsConf(tc.alpn))
+			if err != nil {
+				if tc.alpn != protocol.DataALPN {
+					return // refused at the handshake, as well
+				}
+				t.Fatal(err)
+			}
+			defer c.Close()
+			_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.WriteString(c, tc.hello); err != nil {
+				t.Fatal(err)
+			}
+			b, err := io.ReadAll(c)
+			if len(b) != 0 {
+				t.Errorf("server answered %q (%v)", b, err)
+			}
+			if ne, ok := err.(net.Error); ok && ne.Timeout() {
+				t.Errorf("server kept the connection open")
+			}
+		})
+	}
+	// Plain TCP garbage, no TLS at all.
+	c, err := net.Dial("tcp", e.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _ = io.WriteString(c, "hello?\r\n\r\n")
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	_, _ = io.ReadAll(c)
+	c.Close()
+
+	if code, body := e.get(t, "svc.example", "/"); code != http.StatusOK || body != "fine" {
+		t.Fatalf("after the refusals: %d %q", code, body)
+	}
+	refused := testutil.ToFloat64(dataConnsMetric(t, reg, "refused"))
+	if refused < 4 {
+		t.Errorf("reverst_data_connections_total{result=refused} = %v, want at least 4", refused)
+	}
+}
+
+func dataConnsMetric(t *testing.T, reg *prometheus.Registry, result string) prometheus.Collector {
+	t.Helper()
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := prometheus.NewCounter(prometheus.CounterOpts{Name: "x"})
+	for _, mf := range mfs {
+		if mf.GetName() != "reverst_data_connections_total" {
+			continue
+		}
+		for _, m := range mf.GetMetric() {
+			for _, l := range m.GetLabel() {
+				if l.GetName() == "result" && l.GetValue() == result {
+					c.Add(m.GetCounter().GetValue())
+				}
+			}
+		}
+	}
+	return c
+}
+
+// A member that shuts down finishes the request it has on a data
+// connection, while new requests go to the other member.
+func TestDrainWithDataConnections(t *testing.T) {
+	e := startServer(t, svc)
+	started, finish := make(chan struct{}), make(chan struct{})
+	var a, b atomic.Int64
+	slow := &client.Server{}
+	e.serveWith(t, "svc", slow, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		a.Add(1)
+		if r.URL.Path == "/slow" {
+			close(started)
+			<-finish
+		}
+		io.WriteString(w, "a")
+	}))
+	slowDone := make(chan string, 1)
+	go func() {
+		code, body := e.get(t, "svc.example", "/slow")
+		slowDone <- fmt.Sprint(code, " ", body)
+	}()
+	<-started
+	e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b.Add(1)
+		io.WriteString(w, "b")
+	}))
+	shutdown := make(chan error, 1)
+	go func() { shutdown <- slow.Shutdown(t.Context()) }()
+	deadline := time.Now().Add(5 * time.Second)
+	for !draining(e.srv) {
+		if time.Now().After(deadline) {
+			t.Fatal("the server never saw the drain")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	before := a.Load()
+	for range 20 {
+		if code, body := e.get(t, "svc.example", "/"); code != http.StatusOK || body != "b" {
+			t.Fatalf("during the drain: %d %q", code, body)
+		}
+	}
+	close(finish)
+	if got := <-slowDone; got != "200 a" {
+		t.Errorf("the request in flight got %q", got)
+	}
+	if err := <-shutdown; err != nil {
+		t.Errorf("Shutdown: %v", err)
+	}
+	if a.Load() != before {
+		t.Errorf("the draining member got %d new requests", a.Load()-before)
+	}
+}
+
+func draining(s *tunnel.Server) bool {
+	for _, g := range s.Status() {
+		for _, m := range g.Members {
+			if m.Draining {
+				return true
+			}
+		}
+	}
+	return false
+}
