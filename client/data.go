@@ -25,7 +25,7 @@ const (
 	// dataSpare is how many idle data connections are kept ready: the
 	// server sends a request over QUIC when none is idle, so a burst
 	// opens more as the spares get busy.
-	dataSpare = 4
+	dataSpare = 2
 	// dataMax bounds the data connections of one tunnel connection.
 	dataMax = 128
 	// dataAttempts is how many dials may fail in a row before the

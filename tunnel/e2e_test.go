@@ -119,7 +119,7 @@ func (e *env) waitData(t testing.TB, group, remote string) {
 		ready := false
 		for _, g := range e.srv.Status() {
 			for _, m := range g.Members {
-				ready = ready || g.Name == group && samePort(m.RemoteAddr, remote) && m.DataConns >= 4
+				ready = ready || g.Name == group && samePort(m.RemoteAddr, remote) && m.DataConns >= 2
 			}
 		}
 		if ready {

@@ -104,7 +104,8 @@ func measureLoad(ctx context.Context, cfg *config, log *slog.Logger, f *files, b
 	}
 	mem, err := startProc("member", filepath.Join(f.dir, "member.log"), env, self,
 		"-tunnel", srv.tunnelAddr, "-group", benchGroup, "-n", strconv.Itoa(cfg.members), "-ca", f.cert,
-		"-backend", "-small-size", strconv.Itoa(cfg.smallSize), "-big-size", strconv.Itoa(cfg.bigSize))
+		"-backend", "-small-size", strconv.Itoa(cfg.smallSize), "-big-size", strconv.Itoa(cfg.bigSize),
+		"-quic-only="+strconv.FormatBool(cfg.quicOnly))
 	if err != nil {
 		return err
 	}
@@ -231,7 +232,8 @@ func measureIdle(ctx context.Context, cfg *config, log *slog.Logger, f *files, b
 	log.Info("registering idle tunnels", "n", cfg.idle)
 	start := time.Now()
 	p, err := startProc("idle-members", filepath.Join(f.dir, "idle-members.log"), []string{roleEnv + "=member"}, self,
-		"-tunnel", srv.tunnelAddr, "-group", idleGroup, "-n", strconv.Itoa(cfg.idle), "-ca", f.cert)
+		"-tunnel", srv.tunnelAddr, "-group", idleGroup, "-n", strconv.Itoa(cfg.idle), "-ca", f.cert,
+		"-quic-only="+strconv.FormatBool(cfg.quicOnly))
 	if err != nil {
 		return err
 	}

@@ -100,6 +100,7 @@ type config struct {
 	profileDir     string
 	reverstBin     string
 	serverEnv      stringList
+	quicOnly       bool
 }
 
 type stringList []string
@@ -125,6 +126,7 @@ func parseConfig(args []string, out io.Writer) (*config, error) {
 	fs.IntVar(&c.idle, "idle", 1000, "idle tunnels registered for the memory measurement (0 skips it)")
 	fs.StringVar(&c.profileDir, "profile", "", "write CPU and allocation profiles of the server and the members (server.pprof, member.pprof, *.allocs.pprof) into this directory")
 	fs.StringVar(&c.reverstBin, "reverst", "", "use this reverst binary instead of building ./cmd/reverst")
+	fs.BoolVar(&c.quicOnly, "quic-only", false, "members carry every request over QUIC, without data connections")
 	fs.Var(&c.serverEnv, "server-env", "extra KEY=VALUE environment for the tunnel server, e.g. GOGC=200 (repeatable)")
 	if err := fs.Parse(args); err != nil {
 		return nil, err

@@ -63,6 +63,7 @@ func memberMain(ctx context.Context, args []string, stdout io.Writer, log *slog.
 	n := fs.Int("n", 1, "registrations")
 	caPath := fs.String("ca", "", "PEM certificate of the tunnel server")
 	serveDirect := fs.Bool("backend", false, "also serve the handler over HTTP/1.1 on a loopback port")
+	quicOnly := fs.Bool("quic-only", false, "carry every request over QUIC")
 	smallSize := fs.Int("small-size", 100, "small body size")
 	bigSize := fs.Int("big-size", 1<<20, "large body size")
 	if err := fs.Parse(args); err != nil {
@@ -124,6 +125,7 @@ func memberMain(ctx context.Context, args []string, stdout io.Writer, log *slog.
 			TLSConfig:         tlsConf,
 			Authenticator:     client.BasicAuthenticator(benchUser, benchPassword),
 			Logger:            log.With("member", i),
+			QUICOnly:          *quicOnly,
 			OnConnectionReady: func(client.ConnectionInfo) { registered() },
 		}
 		select {

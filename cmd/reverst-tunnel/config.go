@@ -43,6 +43,7 @@ type config struct {
 	Password        string        `env:"PASSWORD"`
 	Token           string        `env:"TOKEN"`
 	HostHeader      string        `env:"HOST_HEADER" envDefault:"preserve"`
+	QUICOnly        bool          `env:"QUIC_ONLY"`
 	ShutdownTimeout time.Duration `env:"SHUTDOWN_TIMEOUT" envDefault:"15s"`
 
 	// target is the local service, from the arguments.
@@ -60,6 +61,7 @@ func (c *config) options() []flagenv.Option {
 		{Short: "p", Long: "password", Env: "PASSWORD", Kind: "PASSWORD", Usage: "basic authentication password (prefer the env var: flags show in ps)", Bind: flagenv.String(&c.Password)},
 		{Short: "t", Long: "token", Env: "TOKEN", Kind: "TOKEN", Usage: "bearer token (prefer the env var: flags show in ps)", Bind: flagenv.String(&c.Token)},
 		{Long: "host-header", Env: "HOST_HEADER", Kind: "MODE", Default: hostPreserve, Usage: "Host sent to the local service: preserve (the visitor's), rewrite (the target's) or a literal host", Bind: flagenv.String(&c.HostHeader)},
+		{Long: "quic-only", Env: "QUIC_ONLY", Usage: "carry every request over QUIC, opening no TCP data connections to the tunnel server", Bind: flagenv.Bool(&c.QUICOnly)},
 		{Long: "shutdown-timeout", Env: "SHUTDOWN_TIMEOUT", Kind: "DURATION", Default: "15s", Usage: "time requests in flight get to finish on SIGINT/SIGTERM", Bind: flagenv.Duration(&c.ShutdownTimeout)},
 		{Short: "l", Long: "log", Env: "LOG", Kind: "LEVEL", Default: "info", Usage: "debug (logs every request), info, warn or error", Bind: flagenv.String(&c.Log)},
 	}

@@ -22,7 +22,8 @@ func TestParseConfig(t *testing.T) {
 			args: []string{"-g", "g", "http", "8080"},
 			check: func(c *config) bool {
 				return c.TunnelAddress == "127.0.0.1:7171" && c.Group == "g" && c.HostHeader == hostPreserve &&
-					c.ShutdownTimeout == 15*time.Second && c.target.String() == "http://localhost:8080" && c.authenticator() == nil
+					c.ShutdownTimeout == 15*time.Second && c.target.String() == "http://localhost:8080" && c.authenticator() == nil &&
+					!c.QUICOnly
 			},
 		},
 		{
@@ -31,12 +32,12 @@ func TestParseConfig(t *testing.T) {
 			env: map[string]string{
 				"REVERST_TUNNEL_ADDRESS": "tunnel.example:7000", "REVERST_TUNNEL_GROUP": "eg", "REVERST_SERVER_NAME": "sni.example",
 				"REVERST_INSECURE_SKIP_VERIFY": "true", "REVERST_TOKEN": "tok", "REVERST_HOST_HEADER": "rewrite",
-				"REVERST_SHUTDOWN_TIMEOUT": "2s", "REVERST_LOG": "debug",
+				"REVERST_SHUTDOWN_TIMEOUT": "2s", "REVERST_LOG": "debug", "REVERST_QUIC_ONLY": "true",
 			},
 			check: func(c *config) bool {
 				return c.TunnelAddress == "tunnel.example:7000" && c.Group == "eg" && c.ServerName == "sni.example" && c.Insecure &&
 					c.Token == "tok" && c.HostHeader == hostRewrite && c.ShutdownTimeout == 2*time.Second && c.Log == "debug" &&
-					c.target.String() == "http://example.internal:3000" && c.authenticator() != nil
+					c.QUICOnly && c.target.String() == "http://example.internal:3000" && c.authenticator() != nil
 			},
 		},
 		{

@@ -71,6 +71,7 @@ func run(ctx context.Context, args []string, environ map[string]string, stderr i
 		TLSConfig:     tlsConf,
 		Authenticator: authn,
 		Logger:        logger,
+		QUICOnly:      cfg.QUICOnly,
 	}
 	logger.Info("exposing local service", "target", cfg.target.Redacted(), "group", cfg.Group, "tunnel_address", cfg.TunnelAddress, "host_header", cfg.HostHeader)
 
