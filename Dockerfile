@@ -58,7 +58,7 @@ COPY --from=build /out/reverst /reverst
 ENV REVERST_TUNNEL_ADDRESS=0.0.0.0:7171 \
     REVERST_HTTP_ADDRESS=0.0.0.0:8181 \
     REVERST_MANAGEMENT_ADDRESS=0.0.0.0:8080
-EXPOSE 7171/udp 8181/tcp 8080/tcp
+EXPOSE 7171/udp 7171/tcp 8181/tcp 8080/tcp
 USER 65532:65532
 # No shell in the image: the binary probes its own /readyz.
 HEALTHCHECK --interval=10s --timeout=4s --start-period=5s CMD ["/reverst", "healthcheck"]

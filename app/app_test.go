@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -18,26 +17,8 @@ import (
 	"time"
 
 	"github.com/reverst-dev/reverst/client"
+	"github.com/reverst-dev/reverst/internal/testnet"
 )
-
-// freeAddr returns a loopback address that was free a moment ago.
-func freeAddr(t *testing.T, network string) string {
-	t.Helper()
-	if network == "udp" {
-		c, err := net.ListenPacket("udp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		return c.LocalAddr().String()
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
-}
 
 func writeFile(t *testing.T, path, content string) {
 	t.Helper()
@@ -77,10 +58,10 @@ func TestRun(t *testing.T) {
 		"-k", "../examples/simple/server.key",
 		"-c", "../examples/simple/server.crt",
 		"-g", groupsFile, "-w",
-		"-a", freeAddr(t, "udp"),
-		"-s", freeAddr(t, "tcp"),
-		"--https-address", freeAddr(t, "tcp"),
-		"--management-address", freeAddr(t, "tcp"),
+		"-a", testnet.Addr(t, testnet.Tunnel),
+		"-s", testnet.Addr(t, testnet.TCP),
+		"--https-address", testnet.Addr(t, testnet.TCP),
+		"--management-address", testnet.Addr(t, testnet.TCP),
 	}, map[string]string{}, nil)
 	if err != nil {
 		t.Fatal(err)
@@ -210,7 +191,7 @@ func TestRunRejectsInvalidGroups(t *testing.T) {
 	groupsFile := filepath.Join(dir, "groups.yml")
 	writeFile(t, groupsFile, `groups: {svc: {hosts: [a], authentication: {basic: {username: u}}}}`)
 	cfg, err := ParseConfig([]string{"-n", "x", "-k", "../examples/simple/server.key", "-c", "../examples/simple/server.crt", "-g", groupsFile,
-		"-a", freeAddr(t, "udp"), "-s", freeAddr(t, "tcp")}, map[string]string{}, nil)
+		"-a", testnet.Addr(t, testnet.Tunnel), "-s", testnet.Addr(t, testnet.TCP)}, map[string]string{}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}

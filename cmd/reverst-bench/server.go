@@ -108,17 +108,10 @@ func buildReverst(ctx context.Context, dir string) (string, error) {
 	return bin, nil
 }
 
-// freePort returns a loopback port that was free a moment ago.
+// freePort returns a loopback address that was free a moment ago: for
+// "tunnel", free for both UDP (QUIC) and TCP (data connections).
 func freePort(network string) (string, error) {
-	switch network {
-	case "udp":
-		c, err := net.ListenPacket("udp", "127.0.0.1:0")
-		if err != nil {
-			return "", err
-		}
-		defer c.Close()
-		return c.LocalAddr().String(), nil
-	default:
+	if network != "tunnel" {
 		l, err := net.Listen("tcp", "127.0.0.1:0")
 		if err != nil {
 			return "", err
@@ -126,6 +119,20 @@ func freePort(network string) (string, error) {
 		defer l.Close()
 		return l.Addr().String(), nil
 	}
+	for range 50 {
+		c, err := net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			return "", err
+		}
+		addr := c.LocalAddr().String()
+		l, err := net.Listen("tcp", addr)
+		c.Close()
+		if err == nil {
+			l.Close()
+			return addr, nil
+		}
+	}
+	return "", errors.New("no loopback port free for both UDP and TCP")
 }
 
 // tunnelServer is a running reverst process.
@@ -142,7 +149,7 @@ type tunnelServer struct {
 func startServer(ctx context.Context, name, bin string, f *files, env []string, profile string) (*tunnelServer, error) {
 	s := &tunnelServer{}
 	var err error
-	if s.tunnelAddr, err = freePort("udp"); err != nil {
+	if s.tunnelAddr, err = freePort("tunnel"); err != nil {
 		return nil, err
 	}
 	if s.httpAddr, err = freePort("tcp"); err != nil {

@@ -17,6 +17,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/reverst-dev/reverst/internal/testnet"
 	"github.com/reverst-dev/reverst/internal/testpki"
 )
 
@@ -45,25 +46,6 @@ func goBuild(t *testing.T, dir, pkg string) string {
 func writeCert(t *testing.T, dir string) (certPath, keyPath string) {
 	t.Helper()
 	return testpki.New(t, "localhost").WriteFiles(t, dir)
-}
-
-// freeAddr returns a loopback address free on network at the time.
-func freeAddr(t *testing.T, network string) string {
-	t.Helper()
-	if network == "udp" {
-		c, err := net.ListenPacket("udp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		return c.LocalAddr().String()
-	}
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	return l.Addr().String()
 }
 
 // process is a running binary whose stderr the test reads line by line.
@@ -177,7 +159,7 @@ func TestBinaryEndToEnd(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	tunnelAddr, frontend, mgmt := freeAddr(t, "udp"), freeAddr(t, "tcp"), freeAddr(t, "tcp")
+	tunnelAddr, frontend, mgmt := testnet.Addr(t, testnet.Tunnel), testnet.Addr(t, testnet.TCP), testnet.Addr(t, testnet.TCP)
 	server := startProcess(t, serverBin, cleanEnv(),
 		"--tunnel-address", tunnelAddr, "--http-address", frontend, "--management-address", mgmt,
 		"--server-name", "localhost", "--certificate-path", certPath, "--private-key-path", keyPath,

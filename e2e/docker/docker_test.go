@@ -15,6 +15,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"runtime"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -25,6 +26,7 @@ import (
 	dc "github.com/ory/dockertest/v3/docker"
 
 	"github.com/reverst-dev/reverst/client"
+	"github.com/reverst-dev/reverst/internal/testnet"
 )
 
 const (
@@ -217,8 +219,12 @@ func baseEnv() []string {
 func (s *suite) start(t *testing.T, dir string, env []string) *server {
 	t.Helper()
 	loopback := []dc.PortBinding{{HostIP: "127.0.0.1", HostPort: "0"}}
+	// Clients open their data connections to the TCP port of the address
+	// their QUIC connection reached: publish both on one host port.
+	tunnel := []dc.PortBinding{{HostIP: "127.0.0.1", HostPort: strconv.Itoa(testnet.Port(t, testnet.Tunnel))}}
 	ports := map[dc.Port][]dc.PortBinding{
-		"7171/udp": loopback,
+		"7171/udp": tunnel,
+		"7171/tcp": tunnel,
 		"8181/tcp": loopback,
 		"8080/tcp": loopback,
 	}
@@ -308,6 +314,7 @@ type member struct {
 	name   string
 	srv    *client.Server
 	served atomic.Int64
+	proto  atomic.Value  // of the last request served
 	ready  chan struct{} // closed at the first registration
 	errc   chan error    // DialAndServe's result
 }
@@ -335,6 +342,7 @@ func (s *suite) dial(t *testing.T, srv *server, name, group string, auth client.
 	var once sync.Once
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		m.served.Add(1)
+		m.proto.Store(r.Proto)
 		if handle != nil {
 			handle(w, r)
 			return
@@ -385,10 +393,19 @@ func (s *suite) testServing(t *testing.T) {
 	basic := client.BasicAuthenticator(username, password)
 
 	t.Run("request through the tunnel", func(t *testing.T) {
-		s.register(t, srv, "alpha", groupName, basic, nil)
+		m := s.register(t, srv, "alpha", groupName, basic, nil)
 		code, body := get(t, srv, "FLIPT.dev.local:8181", "/fo")
 		if code != http.StatusOK || body != "alpha /fo" {
 			t.Fatalf("got %d %q, want 200 %q", code, body, "alpha /fo")
+		}
+		// Once its data connections are up, requests take them.
+		deadline := time.Now().Add(10 * time.Second)
+		for m.proto.Load() != "HTTP/1.1" {
+			if time.Now().After(deadline) {
+				t.Fatalf("requests still arrive over %v, not over data connections", m.proto.Load())
+			}
+			time.Sleep(50 * time.Millisecond)
+			get(t, srv, serverName, "/again")
 		}
 	})
 

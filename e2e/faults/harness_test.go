@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/reverst-dev/reverst/internal/testnet"
 	"github.com/reverst-dev/reverst/internal/testpki"
 )
 
@@ -67,25 +68,6 @@ func runTests(m *testing.M) int {
 func writePKI(t *testing.T, dir string) (certPath, keyPath string) {
 	t.Helper()
 	return testpki.New(t, serverName).WriteFiles(t, dir)
-}
-
-// freePort returns a loopback port that was free on network a moment ago.
-func freePort(t *testing.T, network string) int {
-	t.Helper()
-	if network == "udp" {
-		c, err := net.ListenPacket("udp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
-		return c.LocalAddr().(*net.UDPAddr).Port
-	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().(*net.TCPAddr).Port
 }
 
 // proc is a child process whose output goes to a log file.
@@ -212,15 +194,15 @@ func startServer(t *testing.T) *server {
 		t.Fatal(err)
 	}
 	at := func(port int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(port)) }
-	httpPort, mgmtPort := freePort(t, "tcp"), freePort(t, "tcp")
+	httpPort, mgmtPort := testnet.Port(t, testnet.TCP), testnet.Port(t, testnet.TCP)
 	for mgmtPort == httpPort {
-		mgmtPort = freePort(t, "tcp")
+		mgmtPort = testnet.Port(t, testnet.TCP)
 	}
 	s := &server{
 		proc:     proc{name: "server", logPath: filepath.Join(dir, "server.log")},
 		dir:      dir,
 		caPath:   certPath,
-		tunnel:   at(freePort(t, "udp")),
+		tunnel:   at(testnet.Port(t, testnet.Tunnel)),
 		frontend: at(httpPort),
 		mgmt:     at(mgmtPort),
 		mc: &http.Client{

@@ -23,6 +23,7 @@ import (
 	"time"
 
 	"github.com/reverst-dev/reverst/client"
+	"github.com/reverst-dev/reverst/internal/testnet"
 	"github.com/reverst-dev/reverst/internal/testpki"
 )
 
@@ -56,47 +57,6 @@ func writePKI(t *testing.T, dir string) (certPath, keyPath string, pool *x509.Ce
 	pki := testpki.New(t, serverName)
 	certPath, keyPath = pki.WriteFiles(t, dir)
 	return certPath, keyPath, pki.Pool
-}
-
-// commonPort returns a port that is free on network at every replica IP.
-func commonPort(t *testing.T, network string) int {
-	t.Helper()
-	listen := func(ip string, port int) (io.Closer, error) {
-		addr := net.JoinHostPort(ip, strconv.Itoa(port))
-		if network == "udp" {
-			return net.ListenPacket(network, addr)
-		}
-		return net.Listen(network, addr)
-	}
-	for range 20 {
-		first, err := listen(replicaIPs[0], 0)
-		if err != nil {
-			t.Fatal(err)
-		}
-		var port int
-		switch c := first.(type) {
-		case net.PacketConn:
-			port = c.LocalAddr().(*net.UDPAddr).Port
-		case net.Listener:
-			port = c.Addr().(*net.TCPAddr).Port
-		}
-		held := []io.Closer{first}
-		for _, ip := range replicaIPs[1:] {
-			c, err := listen(ip, port)
-			if err != nil {
-				break
-			}
-			held = append(held, c)
-		}
-		for _, c := range held {
-			_ = c.Close()
-		}
-		if len(held) == len(replicaIPs) {
-			return port
-		}
-	}
-	t.Fatalf("no %s port free on all of %v", network, replicaIPs)
-	return 0
 }
 
 // replica is one reverst server process.
@@ -183,9 +143,9 @@ func startReplicas(t *testing.T) ([]*replica, string, *x509.CertPool) {
 	if err := os.WriteFile(groupsPath, []byte(groupsYAML), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	tunnelPort, httpPort, mgmtPort := commonPort(t, "udp"), commonPort(t, "tcp"), commonPort(t, "tcp")
+	tunnelPort, httpPort, mgmtPort := testnet.Port(t, testnet.Tunnel, replicaIPs...), testnet.Port(t, testnet.TCP, replicaIPs...), testnet.Port(t, testnet.TCP, replicaIPs...)
 	for mgmtPort == httpPort {
-		mgmtPort = commonPort(t, "tcp")
+		mgmtPort = testnet.Port(t, testnet.TCP, replicaIPs...)
 	}
 
 	var replicas []*replica
