@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"strings"
 	"testing"
 
 	"github.com/quic-go/quic-go"
@@ -170,4 +171,34 @@ func FuzzReadRequest(f *testing.F) {
 			t.Fatalf("round trip: %+v %v, want %+v", again, err, req)
 		}
 	})
+}
+
+// The data connection hello is the token and a newline, read back exactly,
+// leaving what follows for HTTP; anything else is a bad request.
+func TestDataHello(t *testing.T) {
+	token := NewDataToken()
+	if len(token) != DataTokenSize || token == NewDataToken() {
+		t.Fatalf("token %q", token)
+	}
+	var buf bytes.Buffer
+	if err := WriteDataHello(&buf, token); err != nil {
+		t.Fatal(err)
+	}
+	buf.WriteString("GET / HTTP/1.1\r\n")
+	got, err := ReadDataHello(&buf)
+	if err != nil || got != token {
+		t.Fatalf("ReadDataHello = %q, %v", got, err)
+	}
+	if rest := buf.String(); rest != "GET / HTTP/1.1\r\n" {
+		t.Errorf("left %q", rest)
+	}
+
+	if err := WriteDataHello(io.Discard, "short"); !errors.Is(err, ErrBadRequest) {
+		t.Errorf("WriteDataHello(short) = %v", err)
+	}
+	for _, in := range []string{"", token, token + "x", strings.Repeat("a", 10)} {
+		if _, err := ReadDataHello(strings.NewReader(in)); !errors.Is(err, ErrBadRequest) {
+			t.Errorf("ReadDataHello(%q) = %v, want ErrBadRequest", in, err)
+		}
+	}
 }
