@@ -165,6 +165,16 @@ func TestRun(t *testing.T) {
 	if code, body := httpGet(t, http.DefaultClient, mgmt+"/healthz", ""); code != 200 {
 		t.Fatalf("healthz: %d %q", code, body)
 	}
+	// The member's data connections reach the tunnel port over TCP.
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		_, body := httpGet(t, http.DefaultClient, "http://"+cfg.HTTPAddress+"/d", "svc.example")
+		if body == "hi /d via HTTP/1.1" {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("requests still reach the member as %q, not over data connections", body)
+		}
+	}
 
 	// A broken edit keeps the groups; a good one is applied, and the
 	// member of a kept group stays.
