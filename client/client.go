@@ -4,6 +4,9 @@
 // A [Server] dials the tunnel server over QUIC, registers in a tunnel
 // group, and then serves HTTP/3 on that same connection: the roles flip,
 // and the tunnel server sends its visitors' requests to the handler. When
+// the tunnel server offers them, the Server also opens TCP data
+// connections to the same address and serves HTTP/1.1 on them, which the
+// tunnel server prefers for plain requests (see [Server.QUICOnly]). When
 // the connection drops or the tunnel server cannot be reached, the Server
 // dials again with capped exponential backoff and jitter, for as long as
 // the context given to [Server.DialAndServe] lives. Only a refusal that

@@ -6,7 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log"
+	"log/slog"
 	"net"
 	"net/http"
 	"sync"
@@ -74,7 +74,7 @@ func newDataConns(tc *tunnelConn, tlsConf *tls.Config, token string, pool *sync.
 		ConnState: d.track,
 		// No IdleTimeout: the tunnel server closes the connections it does
 		// not need, and an idle one here is a spare.
-		ErrorLog:    log.New(io.Discard, "", 0),
+		ErrorLog:    slog.NewLogLogger(tc.log.Handler(), slog.LevelDebug),
 		BaseContext: func(net.Listener) context.Context { return tc.conn.Context() },
 	}
 	return d
