@@ -144,6 +144,7 @@ func (s *Server) dropData(m *member) {
 type dataConn struct {
 	conn      *tls.Conn
 	raw       *readBatcher // under conn
+	limit     headerLimit  // between conn and br
 	br        *bufio.Reader
 	bw        *bufio.Writer
 	idleSince time.Time
@@ -161,7 +162,8 @@ type dataPool struct {
 // add puts a new connection in the pool; it reports false when the pool
 // is closed or full.
 func (p *dataPool) add(c *tls.Conn, raw *readBatcher) bool {
-	dc := &dataConn{conn: c, raw: raw, br: bufio.NewReader(c), bw: bufio.NewWriter(c), idleSince: time.Now()}
+	dc := &dataConn{conn: c, raw: raw, limit: headerLimit{r: c, n: -1}, bw: bufio.NewWriter(c), idleSince: time.Now()}
+	dc.br = bufio.NewReader(&dc.limit)
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed || len(p.all) >= maxDataConns {
@@ -187,6 +189,11 @@ func (p *dataPool) get() *dataConn {
 	}
 	dc := p.idle[n-1]
 	p.idle = p.idle[:n-1]
+	if dc.br.Buffered() > 0 {
+		// Bytes nobody asked for: the connection is out of step.
+		p.dropLocked(dc)
+		return nil
+	}
 	return dc
 }
 
@@ -296,6 +303,7 @@ func (s *Server) roundTripData(ctx context.Context, w http.ResponseWriter, p *da
 	}
 
 	var res *http.Response
+	dc.limit.arm(int64(s.maxResponseHeaderBytes()))
 	for n := 0; ; n++ {
 		var err error
 		res, err = http.ReadResponse(dc.br, out)
@@ -310,6 +318,7 @@ func (s *Server) roundTripData(ctx context.Context, w http.ResponseWriter, p *da
 		}
 		pass1xx(w, res.StatusCode, res.Header)
 	}
+	dc.limit.arm(-1)
 	res.Body = &dataBody{body: res.Body, pool: p, dc: dc, reuse: !res.Close, written: written, stop: stop}
 	return res, nil
 }
@@ -365,6 +374,34 @@ func (b *dataBody) Close() error {
 	}
 	return nil
 }
+
+// headerLimit bounds what a response's header may read from a data
+// connection, as net/http's Transport does: a member cannot make the
+// server buffer headers without end.
+type headerLimit struct {
+	r io.Reader
+	n int64 // bytes left; negative when unlimited
+}
+
+// arm sets the bytes left to n; -1 lifts the limit.
+func (l *headerLimit) arm(n int64) { l.n = n }
+
+func (l *headerLimit) Read(p []byte) (int, error) {
+	if l.n < 0 {
+		return l.r.Read(p)
+	}
+	if l.n == 0 {
+		return 0, errHeaderTooLarge
+	}
+	if int64(len(p)) > l.n {
+		p = p[:l.n]
+	}
+	n, err := l.r.Read(p)
+	l.n -= int64(n)
+	return n, err
+}
+
+var errHeaderTooLarge = errors.New("member's response header too large")
 
 // readBatcher sits under a data connection's tls.Conn and reads as much as
 // the socket holds at once: TLS asks for one record of at most 16 KiB at a

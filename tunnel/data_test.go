@@ -328,3 +328,26 @@ func draining(s *tunnel.Server) bool {
 	}
 	return false
 }
+
+// A member's response header beyond the server's limit is a bad gateway,
+// and the member's next answers go through.
+func TestMemberHeaderLimit(t *testing.T) {
+	paths(t, func(t *testing.T, quicOnly bool) {
+		e := startServerWith(t, func(s *tunnel.Server) { s.MaxResponseHeaderBytes = 8 << 10 }, svc)
+		e.quicOnly = quicOnly
+		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == "/huge" {
+				w.Header().Set("X-Huge", strings.Repeat("h", 64<<10))
+			}
+			io.WriteString(w, "ok")
+		}))
+		if code, _ := e.get(t, "svc.example", "/huge"); code != http.StatusBadGateway {
+			t.Errorf("huge header: %d, want 502", code)
+		}
+		for range 3 {
+			if code, body := e.get(t, "svc.example", "/"); code != http.StatusOK || body != "ok" {
+				t.Fatalf("after it: %d %q", code, body)
+			}
+		}
+	})
+}

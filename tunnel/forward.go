@@ -57,10 +57,10 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, g *group) (stat
 			lost bool
 		)
 		if dc := m.data.get(); dc != nil {
-			// Any failure before the response header leaves nothing
-			// passed on: the connection is what failed.
+			// A failure before the response header, other than an answer
+			// the member got wrong, is the connection's.
 			res, err = s.roundTripData(ctx, w, &m.data, dc, out)
-			lost = err != nil
+			lost = err != nil && !errors.Is(err, errHeaderTooLarge) && !errors.Is(err, errBad1xx)
 		} else {
 			res, stop, err = s.exchange(ctx, w, m, out)
 			lost = err != nil && connectionLost(m, err)

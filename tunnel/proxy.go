@@ -34,10 +34,17 @@ func (s *Server) initProxy() {
 		// The visitor's Accept-Encoding goes through untouched; the proxy
 		// must never decompress on its behalf.
 		DisableCompression:     true,
-		MaxResponseHeaderBytes: s.MaxResponseHeaderBytes,
+		MaxResponseHeaderBytes: s.maxResponseHeaderBytes(),
 	}
 	s.buffers = &bufferPool{size: 32 << 10}
 	s.bulkBuffers = &bufferPool{size: bulkSize}
+}
+
+func (s *Server) maxResponseHeaderBytes() int {
+	if s.MaxResponseHeaderBytes > 0 {
+		return s.MaxResponseHeaderBytes
+	}
+	return DefaultMaxResponseHeaderBytes
 }
 
 // ServeHTTP is the HTTP frontend: it routes r by host to a group and

@@ -28,6 +28,10 @@ import (
 	"github.com/reverst-dev/reverst/protocol"
 )
 
+// DefaultMaxResponseHeaderBytes bounds a member's response headers when
+// Server.MaxResponseHeaderBytes is zero, as net/http's Transport does.
+const DefaultMaxResponseHeaderBytes = 10 << 20
+
 // DefaultRegisterTimeout bounds the wait for a client's register request.
 const DefaultRegisterTimeout = 5 * time.Second
 
@@ -61,7 +65,7 @@ type Server struct {
 	RegistrationRate  float64
 	RegistrationBurst int
 	// MaxResponseHeaderBytes limits a member's response headers; zero means
-	// the http3 default.
+	// DefaultMaxResponseHeaderBytes.
 	MaxResponseHeaderBytes int
 
 	table atomic.Pointer[table]
