@@ -351,3 +351,81 @@ func TestMemberHeaderLimit(t *testing.T) {
 		}
 	})
 }
+
+// Responses without a body (HEAD, 204, 304) and with a chunked body
+// leave a data connection in step for the next request.
+func TestBodylessResponsesKeepConnectionsInStep(t *testing.T) {
+	paths(t, func(t *testing.T, quicOnly bool) {
+		e := startServer(t, svc)
+		e.quicOnly = quicOnly
+		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			switch r.URL.Path {
+			case "/204":
+				w.WriteHeader(http.StatusNoContent)
+			case "/304":
+				w.WriteHeader(http.StatusNotModified)
+			case "/chunked":
+				io.WriteString(w, "one,")
+				http.NewResponseController(w).Flush()
+				io.WriteString(w, "two")
+			default:
+				w.Header().Set("Content-Length", "5")
+				if r.Method != http.MethodHead {
+					io.WriteString(w, "hello")
+				}
+			}
+		}))
+		for range 3 {
+			for _, c := range []struct {
+				method, path string
+				code         int
+				body         string
+			}{
+				{http.MethodHead, "/", 200, ""},
+				{http.MethodGet, "/204", 204, ""},
+				{http.MethodGet, "/304", 304, ""},
+				{http.MethodGet, "/chunked", 200, "one,two"},
+				{http.MethodGet, "/", 200, "hello"},
+			} {
+				resp := e.do(t, e.newRequest(t, t.Context(), c.method, c.path, nil))
+				b, err := io.ReadAll(resp.Body)
+				if err != nil || resp.StatusCode != c.code || string(b) != c.body {
+					t.Fatalf("%s %s: %d %q %v, want %d %q", c.method, c.path, resp.StatusCode, b, err, c.code, c.body)
+				}
+			}
+		}
+	})
+}
+
+// A request body of unknown length streams to the member with its
+// trailer.
+func TestChunkedRequestWithTrailer(t *testing.T) {
+	paths(t, func(t *testing.T, quicOnly bool) {
+		e := startServer(t, svc)
+		e.quicOnly = quicOnly
+		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			b, err := io.ReadAll(r.Body)
+			if err != nil {
+				http.Error(w, err.Error(), http.StatusBadRequest)
+				return
+			}
+			fmt.Fprintf(w, "%d %s %s", r.ContentLength, b, r.Trailer.Get("X-Sum"))
+		}))
+		pr, pw := io.Pipe()
+		req := e.newRequest(t, t.Context(), http.MethodPost, "/", pr)
+		req.Trailer = http.Header{"X-Sum": nil}
+		go func() {
+			for _, part := range []string{"a", "b", "c"} {
+				io.WriteString(pw, part)
+				time.Sleep(10 * time.Millisecond)
+			}
+			req.Trailer.Set("X-Sum", "abc-ok")
+			pw.Close()
+		}()
+		resp := e.do(t, req)
+		b, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusOK || string(b) != "-1 abc abc-ok" {
+			t.Fatalf("got %d %q", resp.StatusCode, b)
+		}
+	})
+}
