@@ -145,9 +145,46 @@ type dataConn struct {
 	conn      *tls.Conn
 	raw       *readBatcher // under conn
 	limit     headerLimit  // between conn and br
-	br        *bufio.Reader
-	bw        *bufio.Writer
 	idleSince time.Time
+	// br and bw are borrowed from dataBufs for an exchange, so that idle
+	// connections hold none.
+	br *bufio.Reader
+	bw *bufio.Writer
+}
+
+// dataBufs recycles the buffered readers and writers of exchanges on data
+// connections.
+type dataBufs struct{ r, w sync.Pool }
+
+func (b *dataBufs) reader(src io.Reader) *bufio.Reader {
+	if br, ok := b.r.Get().(*bufio.Reader); ok {
+		br.Reset(src)
+		return br
+	}
+	return bufio.NewReader(src)
+}
+
+func (b *dataBufs) writer(dst io.Writer) *bufio.Writer {
+	if bw, ok := b.w.Get().(*bufio.Writer); ok {
+		bw.Reset(dst)
+		return bw
+	}
+	return bufio.NewWriter(dst)
+}
+
+// release takes dc's buffers back; its writer only when no goroutine may
+// still be writing with it.
+func (b *dataBufs) release(dc *dataConn, writerDone bool) {
+	if dc.br != nil {
+		dc.br.Reset(nil)
+		b.r.Put(dc.br)
+		dc.br = nil
+	}
+	if dc.bw != nil && writerDone {
+		dc.bw.Reset(nil)
+		b.w.Put(dc.bw)
+	}
+	dc.bw = nil
 }
 
 // dataPool holds a member's data connections. The zero value is an empty
@@ -162,8 +199,7 @@ type dataPool struct {
 // add puts a new connection in the pool; it reports false when the pool
 // is closed or full.
 func (p *dataPool) add(c *tls.Conn, raw *readBatcher) bool {
-	dc := &dataConn{conn: c, raw: raw, limit: headerLimit{r: c, n: -1}, bw: bufio.NewWriter(c), idleSince: time.Now()}
-	dc.br = bufio.NewReader(&dc.limit)
+	dc := &dataConn{conn: c, raw: raw, limit: headerLimit{r: c, n: -1}, idleSince: time.Now()}
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if p.closed || len(p.all) >= maxDataConns {
@@ -189,11 +225,6 @@ func (p *dataPool) get() *dataConn {
 	}
 	dc := p.idle[n-1]
 	p.idle = p.idle[:n-1]
-	if dc.br.Buffered() > 0 {
-		// Bytes nobody asked for: the connection is out of step.
-		p.dropLocked(dc)
-		return nil
-	}
 	return dc
 }
 
@@ -268,8 +299,10 @@ func (s *Server) roundTripData(ctx context.Context, w http.ResponseWriter, p *da
 	// The visitor leaving ends the exchange wherever it is; the
 	// connection cannot be reused then.
 	stop := context.AfterFunc(ctx, func() { _ = dc.raw.Conn.Close() })
+	dc.br, dc.bw = s.dataBufs.reader(&dc.limit), s.dataBufs.writer(dc.conn)
 	fail := func(err error) (*http.Response, error) {
 		stop()
+		s.dataBufs.release(dc, out.Body == nil)
 		p.discard(dc)
 		if ctx.Err() != nil {
 			return nil, ctx.Err()
@@ -290,10 +323,11 @@ func (s *Server) roundTripData(ctx context.Context, w http.ResponseWriter, p *da
 	} else {
 		// The member may answer before it has read the whole body, and
 		// the body may need the answer to end (a visitor waiting for it).
+		bw := dc.bw
 		go func() {
-			err := out.Write(dc.bw)
+			err := out.Write(bw)
 			if err == nil {
-				err = dc.bw.Flush()
+				err = bw.Flush()
 			}
 			if err != nil {
 				_ = dc.conn.Close()
@@ -319,7 +353,7 @@ func (s *Server) roundTripData(ctx context.Context, w http.ResponseWriter, p *da
 		pass1xx(w, res.StatusCode, res.Header)
 	}
 	dc.limit.arm(-1)
-	res.Body = &dataBody{body: res.Body, pool: p, dc: dc, reuse: !res.Close, written: written, stop: stop}
+	res.Body = &dataBody{body: res.Body, pool: p, bufs: &s.dataBufs, dc: dc, reuse: !res.Close, written: written, stop: stop}
 	return res, nil
 }
 
@@ -327,6 +361,7 @@ func (s *Server) roundTripData(ctx context.Context, w http.ResponseWriter, p *da
 type dataBody struct {
 	body    io.ReadCloser
 	pool    *dataPool
+	bufs    *dataBufs
 	dc      *dataConn
 	reuse   bool // the member did not ask to close the connection
 	eof     bool
@@ -357,16 +392,18 @@ func (b *dataBody) Close() error {
 		_ = b.dc.conn.Close()
 	}
 	_ = b.body.Close()
-	reuse := b.eof && b.reuse && stopped
-	if reuse {
-		select {
-		case err := <-b.written:
-			reuse = err == nil
-		default:
-			// The member answered while the body was still being sent.
-			reuse = false
-		}
+	writerDone, reuse := false, b.eof && b.reuse && stopped
+	select {
+	case err := <-b.written:
+		writerDone = true
+		reuse = reuse && err == nil
+	default:
+		// The member answered while the body was still being sent.
+		reuse = false
 	}
+	// Bytes nobody asked for would put the next exchange out of step.
+	reuse = reuse && b.dc.br.Buffered() == 0
+	b.bufs.release(b.dc, writerDone)
 	if reuse {
 		b.pool.put(b.dc)
 	} else {

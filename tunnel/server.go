@@ -85,7 +85,8 @@ type Server struct {
 	bulkBuffers *bufferPool
 
 	dataOn   atomic.Bool // ServeData is running
-	readBufs sync.Pool   // of data channel read batches
+	readBufs sync.Pool   // of data connection read batches
+	dataBufs dataBufs
 }
 
 func (s *Server) logger() *slog.Logger {
