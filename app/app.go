@@ -315,7 +315,7 @@ func (l *firstAccept) Accept() (net.Conn, error) {
 }
 
 // listenTunnel opens the tunnel's UDP socket and, on the same address and
-// port, the TCP listener of the data channels. With port 0 the UDP port is
+// port, the TCP listener of the data connections. With port 0 the UDP port is
 // chosen first, and the pair is tried again if that port is taken for TCP.
 func listenTunnel(address string) (*net.UDPConn, net.Listener, error) {
 	udpAddr, err := net.ResolveUDPAddr("udp", address)
@@ -334,7 +334,7 @@ func listenTunnel(address string) (*net.UDPConn, net.Listener, error) {
 		}
 		_ = udp.Close()
 		if udpAddr.Port != 0 || attempt == 10 {
-			return nil, nil, fmt.Errorf("data channel (TCP): %w", err)
+			return nil, nil, fmt.Errorf("data connections (TCP): %w", err)
 		}
 	}
 }

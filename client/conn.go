@@ -203,8 +203,8 @@ func (w *responseWriter) HTTPStream() (*http3.Stream, error) {
 // and other extensions.
 func (w *responseWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
 
-// ReceivedSettings implements http3.Settingser. On a data channel, which
-// is HTTP/2, it returns a closed channel.
+// ReceivedSettings implements http3.Settingser. On a data connection,
+// which is HTTP/1.1, it returns a closed channel.
 func (w *responseWriter) ReceivedSettings() <-chan struct{} {
 	if s, ok := w.ResponseWriter.(http3.Settingser); ok {
 		return s.ReceivedSettings()
@@ -212,8 +212,8 @@ func (w *responseWriter) ReceivedSettings() <-chan struct{} {
 	return closedChan
 }
 
-// Settings implements http3.Settingser. On a data channel, which is
-// HTTP/2, it returns the zero Settings.
+// Settings implements http3.Settingser. On a data connection, which is
+// HTTP/1.1, it returns the zero Settings.
 func (w *responseWriter) Settings() *http3.Settings {
 	if s, ok := w.ResponseWriter.(http3.Settingser); ok {
 		return s.Settings()

@@ -38,7 +38,8 @@ const (
 // with config, whose NextProtos is replaced by protocol.DataALPN, and
 // gives each connection to the member whose token it presents. Until
 // ServeData is called, registrations are not offered data connections and
-// every request travels over QUIC.
+// their requests travel over QUIC: start it before Serve (it calls
+// ln.Accept once it is ready).
 //
 // It always returns a non-nil error; after Shutdown or Close, or once ln
 // is closed, it is ErrServerClosed. The caller keeps ownership of ln and

@@ -42,7 +42,7 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, g *group) (stat
 	for attempt := 0; ; attempt++ {
 		m, err := s.acquire(ctx, g, tried)
 		if err != nil && tried != nil && errors.Is(err, errNoMember) && tried.usable() {
-			// Only the member's data channel broke; QUIC may still work.
+			// Only the member's data connection broke; QUIC may still work.
 			m, err = s.acquire(ctx, g, nil)
 		}
 		if err != nil {
@@ -176,10 +176,9 @@ func readFinal(w http.ResponseWriter, str *http3.RequestStream, out *http.Reques
 
 var errBad1xx = errors.New("member answered with too many or unexpected 1xx responses")
 
-// roundTrip sends a request through a transport: a data channel, or the
-// QUIC connection for a request with a body. 1xx responses reach the
-// visitor through a trace hook, which the transports call on this
-// goroutine before RoundTrip returns.
+// roundTrip sends a request with a body through rt, a member's HTTP/3
+// connection. 1xx responses reach the visitor through a trace hook, which
+// the transport calls on this goroutine before RoundTrip returns.
 func (s *Server) roundTrip(ctx context.Context, w http.ResponseWriter, rt http.RoundTripper, out *http.Request) (*http.Response, error) {
 	trace := &httptrace.ClientTrace{
 		Got1xxResponse: func(code int, header textproto.MIMEHeader) error {

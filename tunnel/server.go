@@ -72,7 +72,7 @@ type Server struct {
 
 	mu       sync.Mutex // guards the fields below and serialises SetGroups
 	conns    map[*quic.Conn]struct{}
-	tokens   map[string]*member // data channel tokens of live members
+	tokens   map[string]*member // data connection tokens of live members
 	closed   bool
 	inflight sync.WaitGroup // registrations being handled
 

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -74,10 +75,14 @@ func startServerData(t testing.TB, samePort bool, configure func(*tunnel.Server)
 		t.Fatal(err)
 	}
 	served := make(chan error, 2)
-	go func() { served <- srv.Serve(ln) }()
+	// Registrations are offered data connections once ServeData runs,
+	// which its first Accept tells.
+	accepting := &acceptSignal{Listener: tcp, first: make(chan struct{})}
 	go func() {
-		served <- srv.ServeData(tcp, &tls.Config{Certificates: []tls.Certificate{pki.Cert}, MinVersion: tls.VersionTLS13})
+		served <- srv.ServeData(accepting, &tls.Config{Certificates: []tls.Certificate{pki.Cert}, MinVersion: tls.VersionTLS13})
 	}()
+	<-accepting.first
+	go func() { served <- srv.Serve(ln) }()
 	front := httptest.NewServer(srv)
 	t.Cleanup(func() {
 		front.Close()
@@ -96,6 +101,18 @@ func startServerData(t testing.TB, samePort bool, configure func(*tunnel.Server)
 		tr.Close()
 	})
 	return &env{srv: srv, addr: ln.Addr().String(), dataAddr: tcp.Addr().String(), frontend: front.URL, roots: pki.Pool, pki: pki}
+}
+
+// acceptSignal closes first when Accept is first called.
+type acceptSignal struct {
+	net.Listener
+	first chan struct{}
+	once  sync.Once
+}
+
+func (l *acceptSignal) Accept() (net.Conn, error) {
+	l.once.Do(func() { close(l.first) })
+	return l.Listener.Accept()
 }
 
 // listenPair opens a UDP socket and a TCP listener on the same loopback
