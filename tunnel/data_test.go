@@ -120,7 +120,7 @@ func TestDataConnectionsGrowWithLoad(t *testing.T) {
 			resp := e.do(t, e.newRequest(t, t.Context(), http.MethodGet, "/", nil))
 			_, _ = io.Copy(io.Discard, resp.Body)
 		})
-		time.Sleep(20 * time.Millisecond)
+		time.Sleep(50 * time.Millisecond)
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for onData.Load()+onQUIC.Load() < n && time.Now().Before(deadline) {
