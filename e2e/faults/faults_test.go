@@ -49,13 +49,7 @@ func TestMemberKilled(t *testing.T) {
 
 func testMemberKilled(t *testing.T, workers, streams int) {
 	s := startServer(t)
-	names := []string{"a", "b", "c"}
-	var ms []*member
-	for _, name := range names {
-		ms = append(ms, startMember(t, s, name))
-	}
-	s.awaitMembers(t, 5*time.Second, "three members", func(st []memberStatus) bool { return len(st) == 3 })
-	reach(t, s, names, 5*time.Second)
+	ms := startMembers(t, s, "a", "b", "c")
 
 	gets := startLoad(t, s, workers, "/id?ms=5")
 	// 500 ms responses: one is usually under way on the victim.
@@ -134,13 +128,7 @@ func testMemberKilled(t *testing.T, workers, streams int) {
 // nothing new, its requests in flight finish, then it leaves.
 func TestMemberTerminatedUnderLoad(t *testing.T) {
 	s := startServer(t)
-	names := []string{"a", "b", "c"}
-	var ms []*member
-	for _, name := range names {
-		ms = append(ms, startMember(t, s, name))
-	}
-	s.awaitMembers(t, 5*time.Second, "three members", func(st []memberStatus) bool { return len(st) == 3 })
-	reach(t, s, names, 5*time.Second)
+	ms := startMembers(t, s, "a", "b", "c")
 
 	// 100 ms requests keep a few in flight on every member.
 	l := startLoad(t, s, 12, "/id?ms=100")
@@ -179,13 +167,7 @@ func TestMemberTerminatedUnderLoad(t *testing.T) {
 // its successor, wait for it to register, next.
 func TestRollingRestart(t *testing.T) {
 	s := startServer(t)
-	names := []string{"a", "b", "c"}
-	var ms []*member
-	for _, name := range names {
-		ms = append(ms, startMember(t, s, name))
-	}
-	s.awaitMembers(t, 5*time.Second, "three members", func(st []memberStatus) bool { return len(st) == 3 })
-	reach(t, s, names, 5*time.Second)
+	ms := startMembers(t, s, "a", "b", "c")
 
 	l := startLoad(t, s, 16, "/id")
 	time.Sleep(300 * time.Millisecond)
@@ -242,12 +224,7 @@ func TestServerOutage(t *testing.T) {
 			}
 			s := startServer(t)
 			names := []string{"a", "b"}
-			var ms []*member
-			for _, name := range names {
-				ms = append(ms, startMember(t, s, name))
-			}
-			s.awaitMembers(t, 5*time.Second, "two members", func(st []memberStatus) bool { return len(st) == 2 })
-			reach(t, s, names, 5*time.Second)
+			ms := startMembers(t, s, names...)
 
 			s.signal(t, tc.sig)
 			if err := s.wait(t, 10*time.Second); err != nil && tc.sig == syscall.SIGTERM {

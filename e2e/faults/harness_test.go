@@ -575,6 +575,19 @@ func failures(rs []result) int {
 	return n
 }
 
+// startMembers starts a member per name and waits until the server lists
+// them all and each has answered a request.
+func startMembers(t *testing.T, s *server, names ...string) []*member {
+	t.Helper()
+	ms := make([]*member, 0, len(names))
+	for _, name := range names {
+		ms = append(ms, startMember(t, s, name))
+	}
+	s.awaitMembers(t, 5*time.Second, fmt.Sprintf("%d members", len(names)), func(st []memberStatus) bool { return len(st) == len(names) })
+	reach(t, s, names, 5*time.Second)
+	return ms
+}
+
 // reach sends GETs to /id until every named member answered.
 func reach(t *testing.T, s *server, names []string, within time.Duration) {
 	t.Helper()
