@@ -59,12 +59,8 @@ func (f *file) Watch(ctx context.Context, apply func(*groups.Config) error) erro
 			return ctx.Err()
 		}
 		f.r.fail(fmt.Errorf("%s: watching %s: %w", f, f.dir, err))
-		t := time.NewTimer(retry.NextBackOff())
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return ctx.Err()
-		case <-t.C:
+		if err := sleep(ctx, retry.NextBackOff()); err != nil {
+			return err
 		}
 	}
 }

@@ -155,12 +155,8 @@ func (c *configMap) Watch(ctx context.Context, apply func(*groups.Config) error)
 			break
 		}
 		c.r.fail(err)
-		t := time.NewTimer(retry.NextBackOff())
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return ctx.Err()
-		case <-t.C:
+		if err := sleep(ctx, retry.NextBackOff()); err != nil {
+			return err
 		}
 	}
 

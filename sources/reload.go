@@ -1,6 +1,7 @@
 package sources
 
 import (
+	"context"
 	"crypto/sha256"
 	"errors"
 	"fmt"
@@ -154,6 +155,18 @@ func retryBackoff(initial, maxWait time.Duration) *backoff.ExponentialBackOff {
 	b.MaxInterval = max(initial, maxWait)
 	b.Reset()
 	return b
+}
+
+// sleep waits d, or returns ctx's error once it is done.
+func sleep(ctx context.Context, d time.Duration) error {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-t.C:
+		return nil
+	}
 }
 
 var errTooLarge = errors.New("definition too large")

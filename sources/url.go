@@ -80,12 +80,8 @@ func (s *remote) Watch(ctx context.Context, apply func(*groups.Config) error) er
 		} else {
 			retry.Reset()
 		}
-		t := time.NewTimer(wait)
-		select {
-		case <-ctx.Done():
-			t.Stop()
-			return ctx.Err()
-		case <-t.C:
+		if err := sleep(ctx, wait); err != nil {
+			return err
 		}
 	}
 }
