@@ -332,12 +332,8 @@ func (s *Server) dialLoop(ctx context.Context, rs *replicaSet, r *replica) error
 		}
 		log.Log(ctx, level, "tunnel connection failed, retrying", "error", err, "attempt", failures, "retry_in", wait.Round(time.Millisecond))
 
-		timer := time.NewTimer(wait)
-		select {
-		case <-timer.C:
-		case <-dialCtx.Done():
-			timer.Stop()
-		}
+		// The next round sees a done dialCtx.
+		sleep(dialCtx, wait)
 	}
 }
 
@@ -676,6 +672,18 @@ func (s *Server) registerTimeout() time.Duration {
 		return s.RegisterTimeout
 	}
 	return DefaultRegisterTimeout
+}
+
+// sleep waits d and reports true, or reports false as soon as ctx is done.
+func sleep(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ctx.Done():
+		return false
+	}
 }
 
 // backoff returns the jittered delay before the attempt that follows

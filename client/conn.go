@@ -121,11 +121,7 @@ func (tc *tunnelConn) drain() {
 func (tc *tunnelConn) closeWhenQuiet() {
 	stats := tc.conn.ConnectionStats()
 	linger := 2 * (stats.SmoothedRTT + max(4*stats.MeanDeviation, time.Millisecond) + 25*time.Millisecond)
-	timer := time.NewTimer(linger)
-	defer timer.Stop()
-	select {
-	case <-timer.C:
-	case <-tc.conn.Context().Done():
+	if !sleep(tc.conn.Context(), linger) {
 		return
 	}
 	tc.mu.Lock()

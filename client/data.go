@@ -107,11 +107,7 @@ func (d *dataConns) run() {
 					d.tc.log.Info("data connections unavailable, serving over QUIC only for a while", "error", err, "retry_in", dataRest)
 					wait = dataRest
 				}
-				timer := time.NewTimer(wait)
-				select {
-				case <-timer.C:
-				case <-ctx.Done():
-					timer.Stop()
+				if !sleep(ctx, wait) {
 					return
 				}
 				continue
