@@ -86,11 +86,7 @@ func (s *Server) handleData(c *tls.Conn, raw *readBatcher) {
 // dataHello checks that c is a data connection of a live member, and
 // accepts it.
 func (s *Server) dataHello(c *tls.Conn) (*member, error) {
-	timeout := s.RegisterTimeout
-	if timeout <= 0 {
-		timeout = DefaultRegisterTimeout
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	ctx, cancel := context.WithTimeout(context.Background(), s.registerTimeout())
 	defer cancel()
 	deadline, _ := ctx.Deadline()
 	_ = c.SetDeadline(deadline)

@@ -79,21 +79,19 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, g *group) (stat
 			}
 			return s.proxyError(w, r, g, err), false
 		}
-		if err := ctx.Err(); err != nil {
-			// The visitor left as the answer came: nobody reads it.
-			_ = res.Body.Close()
-			if stop != nil {
-				stop()
-			}
-			g.release(m)
-			return s.proxyError(w, r, g, err), false
+		// A visitor who left as the answer came reads none of it.
+		left := ctx.Err()
+		if left == nil {
+			abort = s.respond(w, g, res)
 		}
-		abort = s.respond(w, g, res)
 		_ = res.Body.Close()
 		if stop != nil {
 			stop()
 		}
 		g.release(m)
+		if left != nil {
+			return s.proxyError(w, r, g, left), false
+		}
 		return res.StatusCode, abort
 	}
 }

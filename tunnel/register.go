@@ -53,11 +53,7 @@ func (s *Server) handle(conn *quic.Conn) {
 // returned group is non-nil whenever the request named a known group, so
 // that failures can be attributed.
 func (s *Server) register(conn *quic.Conn) (*group, *member, *quic.Stream, *protocol.RegisterRequest, error) {
-	timeout := s.RegisterTimeout
-	if timeout <= 0 {
-		timeout = DefaultRegisterTimeout
-	}
-	ctx, cancel := context.WithTimeout(conn.Context(), timeout)
+	ctx, cancel := context.WithTimeout(conn.Context(), s.registerTimeout())
 	defer cancel()
 
 	stream, err := conn.AcceptStream(ctx)
@@ -99,6 +95,14 @@ func (s *Server) register(conn *quic.Conn) (*group, *member, *quic.Stream, *prot
 	// Our side is done; the client's side stays open for control messages.
 	_ = stream.Close()
 	return g, m, stream, req, nil
+}
+
+// registerTimeout bounds a registration, and a data connection's hello.
+func (s *Server) registerTimeout() time.Duration {
+	if s.RegisterTimeout > 0 {
+		return s.RegisterTimeout
+	}
+	return DefaultRegisterTimeout
 }
 
 // keepAlive parses a member's announced keep-alive period; zero means
