@@ -111,7 +111,7 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	if err != nil {
 		return err
 	}
-	udp, dataLn, err := listenTunnel(cfg.TunnelAddress)
+	udp, dataLn, err := tunnel.Listen(cfg.TunnelAddress)
 	if err != nil {
 		return fmt.Errorf("--tunnel-address %q: %w", cfg.TunnelAddress, err)
 	}
@@ -312,31 +312,6 @@ type firstAccept struct {
 func (l *firstAccept) Accept() (net.Conn, error) {
 	l.once.Do(func() { close(l.first) })
 	return l.Listener.Accept()
-}
-
-// listenTunnel opens the tunnel's UDP socket and, on the same address and
-// port, the TCP listener of the data connections. With port 0 the UDP port is
-// chosen first, and the pair is tried again if that port is taken for TCP.
-func listenTunnel(address string) (*net.UDPConn, net.Listener, error) {
-	udpAddr, err := net.ResolveUDPAddr("udp", address)
-	if err != nil {
-		return nil, nil, err
-	}
-	for attempt := 0; ; attempt++ {
-		udp, err := net.ListenUDP("udp", udpAddr)
-		if err != nil {
-			return nil, nil, err
-		}
-		bound := udp.LocalAddr().(*net.UDPAddr)
-		tcp, err := net.ListenTCP("tcp", &net.TCPAddr{IP: udpAddr.IP, Port: bound.Port, Zone: udpAddr.Zone})
-		if err == nil {
-			return udp, tcp, nil
-		}
-		_ = udp.Close()
-		if udpAddr.Port != 0 || attempt == 10 {
-			return nil, nil, fmt.Errorf("data connections (TCP): %w", err)
-		}
-	}
 }
 
 // statelessResetKey derives the QUIC stateless reset key from the TLS

@@ -68,6 +68,33 @@ func (s *Server) ServeData(ln net.Listener, config *tls.Config) error {
 	}
 }
 
+// Listen opens a tunnel address: the UDP socket for QUIC (for Serve,
+// through a quic.Transport) and, on the same address and port, the TCP
+// listener for ServeData, since clients open their data connections to the
+// port their QUIC connection reached. With port 0 the UDP port is chosen
+// first, and the pair is tried again if that port is taken for TCP.
+func Listen(address string) (*net.UDPConn, net.Listener, error) {
+	udpAddr, err := net.ResolveUDPAddr("udp", address)
+	if err != nil {
+		return nil, nil, err
+	}
+	for attempt := 0; ; attempt++ {
+		udp, err := net.ListenUDP("udp", udpAddr)
+		if err != nil {
+			return nil, nil, err
+		}
+		bound := udp.LocalAddr().(*net.UDPAddr)
+		tcp, err := net.ListenTCP("tcp", &net.TCPAddr{IP: udpAddr.IP, Port: bound.Port, Zone: udpAddr.Zone})
+		if err == nil {
+			return udp, tcp, nil
+		}
+		_ = udp.Close()
+		if udpAddr.Port != 0 || attempt == 10 {
+			return nil, nil, fmt.Errorf("data connections (TCP): %w", err)
+		}
+	}
+}
+
 // handleData runs the hello on c and gives it to its member.
 func (s *Server) handleData(c *tls.Conn, raw *readBatcher) {
 	m, err := s.dataHello(c)

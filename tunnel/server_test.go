@@ -52,10 +52,12 @@ func startServerWith(t testing.TB, configure func(*tunnel.Server), defs ...tunne
 func startServerData(t testing.TB, samePort bool, configure func(*tunnel.Server), defs ...tunnel.Group) *env {
 	t.Helper()
 	pki := testpki.New(t)
-	udp, tcp := listenPair(t)
+	udp, tcp, err := tunnel.Listen("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
 	if !samePort {
 		tcp.Close()
-		var err error
 		if tcp, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
 			t.Fatal(err)
 		}
@@ -113,25 +115,6 @@ type acceptSignal struct {
 func (l *acceptSignal) Accept() (net.Conn, error) {
 	l.once.Do(func() { close(l.first) })
 	return l.Listener.Accept()
-}
-
-// listenPair opens a UDP socket and a TCP listener on the same loopback
-// port, as the server's tunnel address has.
-func listenPair(t testing.TB) (*net.UDPConn, net.Listener) {
-	t.Helper()
-	for range 20 {
-		udp, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
-		if err != nil {
-			t.Fatal(err)
-		}
-		tcp, err := net.Listen("tcp", udp.LocalAddr().String())
-		if err == nil {
-			return udp, tcp
-		}
-		udp.Close()
-	}
-	t.Fatal("no port free for both UDP and TCP")
-	return nil, nil
 }
 
 // paths runs f once with members on data connections and once with
