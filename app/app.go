@@ -18,7 +18,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -76,6 +75,7 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 		QueueTimeout:          cfg.QueueTimeout,
 		RegistrationRate:      cfg.RegistrationRate,
 		RegistrationBurst:     cfg.RegistrationBurst,
+		DataConnections:       true,
 	}
 	secrets := &sources.Secrets{Logger: logger.With("component", "secrets")}
 	defer secrets.Close()
@@ -249,16 +249,11 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 			stop: func(error) { cancelWatch() },
 		})
 	}
-	// Registrations are offered data connections once ServeData runs:
-	// tunnels are accepted only from then on, or the first members after
-	// a restart would stay on QUIC.
-	dataServing := make(chan struct{})
 	tasks = append(tasks, task{
 		name: "data connection listener",
 		run: func() error {
 			conf := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13}
-			ln := &firstAccept{Listener: dataLn, first: dataServing}
-			if err := srv.ServeData(ln, conf); !errors.Is(err, tunnel.ErrServerClosed) {
+			if err := srv.ServeData(dataLn, conf); !errors.Is(err, tunnel.ErrServerClosed) {
 				return err
 			}
 			return nil
@@ -269,15 +264,9 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	})
 	// The tunnel task comes last: its stop runs after the frontend drained,
 	// so that in-flight requests keep their members until they finish.
-	tunnelStop := make(chan struct{})
 	tasks = append(tasks, task{
 		name: "tunnel listener",
 		run: func() error {
-			select {
-			case <-dataServing:
-			case <-tunnelStop:
-				return nil
-			}
 			logger.Info("accepting tunnels", "address", ln.Addr().String(), "server_name", cfg.ServerName)
 			if err := srv.Serve(ln); !errors.Is(err, tunnel.ErrServerClosed) {
 				return err
@@ -285,7 +274,6 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 			return nil
 		},
 		stop: func(error) {
-			close(tunnelStop)
 			c, cancel := graceful()
 			defer cancel()
 			_ = srv.Shutdown(c)
@@ -300,18 +288,6 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	}
 	logger.Info("reverst stopped cleanly")
 	return nil
-}
-
-// firstAccept closes first when Accept is first called.
-type firstAccept struct {
-	net.Listener
-	first chan struct{}
-	once  sync.Once
-}
-
-func (l *firstAccept) Accept() (net.Conn, error) {
-	l.once.Do(func() { close(l.first) })
-	return l.Listener.Accept()
 }
 
 // statelessResetKey derives the QUIC stateless reset key from the TLS

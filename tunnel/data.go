@@ -36,10 +36,8 @@ const (
 // ServeData accepts data connections (see package protocol) from ln, a
 // TCP listener, until ln fails or the server is shut down: it runs TLS
 // with config, whose NextProtos is replaced by protocol.DataALPN, and
-// gives each connection to the member whose token it presents. Until
-// ServeData is called, registrations are not offered data connections and
-// their requests travel over QUIC: start it before Serve (it calls
-// ln.Accept once it is ready).
+// gives each connection to the member whose token it presents. Members are
+// offered data connections when Server.DataConnections is set.
 //
 // It always returns a non-nil error; after Shutdown or Close, or once ln
 // is closed, it is ErrServerClosed. The caller keeps ownership of ln and
@@ -47,8 +45,6 @@ const (
 func (s *Server) ServeData(ln net.Listener, config *tls.Config) error {
 	config = config.Clone()
 	config.NextProtos = []string{protocol.DataALPN}
-	s.dataOn.Store(true)
-	defer s.dataOn.Store(false)
 	for {
 		c, err := ln.Accept()
 		if err != nil {
@@ -138,9 +134,9 @@ func (s *Server) dataHello(c *tls.Conn) (*member, error) {
 }
 
 // offerData returns the token that lets m open data connections, or ""
-// when the member did not ask for them or the server takes none.
+// when the member did not ask for them or the server offers none.
 func (s *Server) offerData(m *member, want string) string {
-	if want != protocol.DataHTTP1 || !s.dataOn.Load() {
+	if want != protocol.DataHTTP1 || !s.DataConnections {
 		return ""
 	}
 	token := protocol.NewDataToken()

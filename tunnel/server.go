@@ -64,6 +64,11 @@ type Server struct {
 	// clients back off and retry.
 	RegistrationRate  float64
 	RegistrationBurst int
+	// DataConnections offers data connections (see package protocol) to
+	// the members that ask for them, which the caller then serves with
+	// ServeData on the TCP port of the tunnel address (see Listen). Without
+	// it every request travels over QUIC.
+	DataConnections bool
 	// MaxResponseHeaderBytes limits a member's response headers; zero means
 	// DefaultMaxResponseHeaderBytes.
 	MaxResponseHeaderBytes int
@@ -84,8 +89,7 @@ type Server struct {
 	buffers     *bufferPool
 	bulkBuffers *bufferPool
 
-	dataOn   atomic.Bool // ServeData is running
-	readBufs sync.Pool   // of data connection read batches
+	readBufs sync.Pool // of data connection read batches
 	dataBufs dataBufs
 }
 

@@ -10,7 +10,6 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -71,19 +70,15 @@ func startServerData(t testing.TB, samePort bool, configure func(*tunnel.Server)
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &tunnel.Server{RegisterTimeout: 500 * time.Millisecond}
+	srv := &tunnel.Server{RegisterTimeout: 500 * time.Millisecond, DataConnections: true}
 	configure(srv)
 	if err := srv.SetGroups(defs); err != nil {
 		t.Fatal(err)
 	}
 	served := make(chan error, 2)
-	// Registrations are offered data connections once ServeData runs,
-	// which its first Accept tells.
-	accepting := &acceptSignal{Listener: tcp, first: make(chan struct{})}
 	go func() {
-		served <- srv.ServeData(accepting, &tls.Config{Certificates: []tls.Certificate{pki.Cert}, MinVersion: tls.VersionTLS13})
+		served <- srv.ServeData(tcp, &tls.Config{Certificates: []tls.Certificate{pki.Cert}, MinVersion: tls.VersionTLS13})
 	}()
-	<-accepting.first
 	go func() { served <- srv.Serve(ln) }()
 	front := httptest.NewServer(srv)
 	t.Cleanup(func() {
@@ -103,18 +98,6 @@ func startServerData(t testing.TB, samePort bool, configure func(*tunnel.Server)
 		tr.Close()
 	})
 	return &env{srv: srv, addr: ln.Addr().String(), dataAddr: tcp.Addr().String(), frontend: front.URL, roots: pki.Pool, pki: pki}
-}
-
-// acceptSignal closes first when Accept is first called.
-type acceptSignal struct {
-	net.Listener
-	first chan struct{}
-	once  sync.Once
-}
-
-func (l *acceptSignal) Accept() (net.Conn, error) {
-	l.once.Do(func() { close(l.first) })
-	return l.Listener.Accept()
 }
 
 // paths runs f once with members on data connections and once with
