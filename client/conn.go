@@ -48,7 +48,12 @@ func newTunnelConn(conn *quic.Conn, control *quic.Stream, resp *protocol.Registe
 func (tc *tunnelConn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	tc.mu.Lock()
 	tc.active++
+	data := tc.data
 	tc.mu.Unlock()
+	upgrade := isUpgradeStream(r)
+	if data != nil && r.ProtoMajor == 3 && !upgrade {
+		data.overflowed()
+	}
 	// http3 cancels the request context once the response stream is
 	// finished (FIN queued or stream reset), net/http once the handler
 	// returned, which the linger of closeWhenQuiet covers: only then may
@@ -72,7 +77,7 @@ func (tc *tunnelConn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		}
 		http.Error(w, "internal server error", http.StatusInternalServerError)
 	}()
-	if isUpgradeStream(r) {
+	if upgrade {
 		serveUpgrade(w, tc.handler, tc.conn.LocalAddr(), tc.conn.RemoteAddr(), tc.log)
 		return
 	}

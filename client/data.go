@@ -53,6 +53,7 @@ type dataConns struct {
 	mu    sync.Mutex
 	idle  int // idle or not yet used
 	open  int
+	short int // requests that came over QUIC since the last dial
 	state map[net.Conn]http.ConnState
 }
 
@@ -114,6 +115,10 @@ func (d *dataConns) run() {
 			}
 			failures = 0
 			d.mu.Lock()
+			if d.idle >= dataSpare {
+				// Not a spare: it answers an overflowed request.
+				d.short = max(d.short-1, 0)
+			}
 			d.idle++
 			d.open++
 			d.state[c] = http.StateNew
@@ -133,7 +138,21 @@ func (d *dataConns) needed() bool {
 	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	return d.idle < dataSpare && d.open < dataMax
+	return (d.idle < dataSpare || d.short > 0) && d.open < dataMax
+}
+
+// overflowed records a plain request that came over QUIC: the tunnel
+// server found no idle data connection for it. The spares follow the
+// member's own view of its connections, in which a connection is idle
+// from its response until the next request arrives, while the server's
+// bursts come from visitors the member does not see; so each such
+// request asks for one more connection, up to dataMax. Connections the
+// server finds it does not need, it closes after a while.
+func (d *dataConns) overflowed() {
+	d.mu.Lock()
+	d.short = min(d.short+1, dataMax)
+	d.mu.Unlock()
+	d.wake()
 }
 
 func (d *dataConns) wake() {

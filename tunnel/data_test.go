@@ -138,6 +138,58 @@ func TestDataConnectionsGrowWithLoad(t *testing.T) {
 	}
 }
 
+// A burst that arrives all at once outruns the spares and partly goes
+// over QUIC; the member opens a data connection for each request that did,
+// so that the same burst a moment later finds enough of them.
+func TestDataConnectionsCatchUpWithBurst(t *testing.T) {
+	e := startServer(t, svc)
+	var release chan struct{}
+	var onData, onQUIC atomic.Int64
+	e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.ProtoMajor == 1 {
+			onData.Add(1)
+		} else {
+			onQUIC.Add(1)
+		}
+		<-release
+	}))
+	const n = 24
+	burst := func() (data, quic int64) {
+		onData.Store(0)
+		onQUIC.Store(0)
+		release = make(chan struct{})
+		var wg sync.WaitGroup
+		for range n {
+			wg.Go(func() {
+				resp := e.do(t, e.newRequest(t, t.Context(), http.MethodGet, "/", nil))
+				_, _ = io.Copy(io.Discard, resp.Body)
+			})
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for onData.Load()+onQUIC.Load() < n && time.Now().Before(deadline) {
+			time.Sleep(5 * time.Millisecond)
+		}
+		close(release)
+		wg.Wait()
+		return onData.Load(), onQUIC.Load()
+	}
+	data, quic := burst()
+	t.Logf("first burst: %d requests on data connections, %d on QUIC", data, quic)
+	if quic == 0 {
+		t.Fatalf("all %d requests of the first burst found a data connection: the test needs a burst larger than the spares", n)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for conns := e.dataConns("svc"); len(conns) != 1 || conns[0] < n; conns = e.dataConns("svc") {
+		if time.Now().After(deadline) {
+			t.Fatalf("data connections %v after a burst of %d, want at least %d", conns, n, n)
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if data, quic = burst(); quic != 0 {
+		t.Errorf("second burst: %d requests on data connections, %d on QUIC, want all on data connections", data, quic)
+	}
+}
+
 // A data connection that dies before the answer of a request without a
 // body costs the visitor nothing: the request is sent again.
 func TestDataConnectionLostBeforeAnswerRetried(t *testing.T) {
