@@ -25,15 +25,17 @@ type run struct {
 	cpu  cpuSample
 }
 
-// round holds one direct/tunnel pair of every measurement.
+// round holds one direct/tunnel pair of every measurement, and the
+// relay's latency.
 type round struct {
 	small, big [2]run // [direct, tunnel]
-	lat        [2]latencyResult
+	lat        [3]latencyResult
 }
 
 const (
 	direct = 0
 	tunnel = 1
+	relay  = 2 // latency only
 )
 
 // bench runs the whole benchmark and returns its report.
@@ -120,10 +122,20 @@ func measureLoad(ctx context.Context, cfg *config, log *slog.Logger, f *files, b
 	if err := srv.waitMembers(ctx, benchGroup, cfg.members, 10*time.Second); err != nil {
 		return err
 	}
+	rel, err := startProc("relay", filepath.Join(f.dir, "relay.log"), []string{roleEnv + "=relay"}, self, "-target", backendAddr)
+	if err != nil {
+		return err
+	}
+	defer rel.stop()
+	relayAddr, err := rel.expect(ctx, "relay ", 10*time.Second)
+	if err != nil {
+		return err
+	}
 
-	targets := [2]target{
+	targets := [3]target{
 		{name: "direct", base: "http://" + backendAddr},
 		{name: "tunnel", base: "http://" + srv.httpAddr, host: benchHost},
+		{name: "relay", base: "http://" + relayAddr},
 	}
 	smallTr := [2]*http.Transport{newTransport(cfg.concurrency), newTransport(cfg.concurrency)}
 	bigTr := [2]*http.Transport{newTransport(cfg.bigConcurrency), newTransport(cfg.bigConcurrency)}
@@ -179,7 +191,8 @@ func measureLoad(ctx context.Context, cfg *config, log *slog.Logger, f *files, b
 				return err
 			}
 		}
-		for _, i := range order {
+		// The relay sits between the two, so that it sees the same drift.
+		for _, i := range []int{order[0], relay, order[1]} {
 			if rd.lat[i], err = latency(ctx, targets[i], pathSmall, int64(cfg.smallSize), cfg.warmup, cfg.latDur); err != nil {
 				return err
 			}
@@ -187,7 +200,7 @@ func measureLoad(ctx context.Context, cfg *config, log *slog.Logger, f *files, b
 		log.Info("round done", "round", r+1, "of", cfg.rounds,
 			"small_req_s", fmt.Sprintf("%.0f/%.0f", rd.small[direct].load.reqPerSec(), rd.small[tunnel].load.reqPerSec()),
 			"big_mib_s", fmt.Sprintf("%.0f/%.0f", rd.big[direct].load.mibPerSec(), rd.big[tunnel].load.mibPerSec()),
-			"p50_ms", fmt.Sprintf("%.3f/%.3f", ms(rd.lat[direct].p50), ms(rd.lat[tunnel].p50)))
+			"p50_ms", fmt.Sprintf("%.3f/%.3f (relay %.3f)", ms(rd.lat[direct].p50), ms(rd.lat[tunnel].p50), ms(rd.lat[relay].p50)))
 		rep.rounds = append(rep.rounds, rd)
 	}
 	for _, tr := range append(smallTr[:], bigTr[:]...) {

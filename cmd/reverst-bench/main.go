@@ -14,6 +14,9 @@
 // each measurement is repeated; the report gives min/median/max and the
 // tunnel/direct ratio of each round, against the project's goals.
 //
+// The latency rounds also measure the backend through a bare TCP relay
+// process: what any extra process in the path costs on this machine.
+//
 // A second, fresh server then takes 1,000 idle registrations from a third
 // process, to measure the memory a tunnel costs.
 //
@@ -74,6 +77,8 @@ func realMain(args []string, stdout, stderr io.Writer) int {
 		err = memberMain(ctx, args, stdout, log)
 	case "server":
 		err = serverMain(ctx, args, stdout, stderr)
+	case "relay":
+		err = relayMain(ctx, args, stdout)
 	default:
 		err = fmt.Errorf("unknown %s %q", roleEnv, role)
 	}

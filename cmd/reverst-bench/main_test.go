@@ -51,6 +51,9 @@ func TestQuickRun(t *testing.T) {
 			}
 		}
 	}
+	if rd.lat[relay].p50 <= 0 {
+		t.Errorf("relay p50 = %v, want > 0", rd.lat[relay].p50)
+	}
 	if rd.small[tunnel].cpu.server+rd.big[tunnel].cpu.server <= 0 {
 		t.Errorf("no server CPU time measured through the tunnel")
 	}
@@ -60,7 +63,7 @@ func TestQuickRun(t *testing.T) {
 
 	var out bytes.Buffer
 	rep.write(&out)
-	for _, want := range []string{"small req/s", "sequential p50 ms", "with 50 idle tunnels", "small-body req/s", "added p50 latency"} {
+	for _, want := range []string{"small req/s", "sequential p50 ms", "with 50 idle tunnels", "small-body req/s", "added p50 latency", "bare TCP relay"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("report lacks %q:\n%s", want, out.String())
 		}

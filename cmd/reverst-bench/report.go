@@ -86,8 +86,11 @@ func (r *report) bigRatio() stat {
 	}))
 }
 
-func (r *report) addedP50() stat {
-	return summarize(r.series(func(rd round) float64 { return ms(rd.lat[tunnel].p50) - ms(rd.lat[direct].p50) }))
+func (r *report) addedP50() stat { return r.added(tunnel) }
+
+// added is the p50 latency target i adds to direct.
+func (r *report) added(i int) stat {
+	return summarize(r.series(func(rd round) float64 { return ms(rd.lat[i].p50) - ms(rd.lat[direct].p50) }))
 }
 
 // cpuRatio is, per round, the CPU all processes spent per request (or
@@ -158,6 +161,8 @@ func (r *report) write(out io.Writer) {
 	row("sequential p99 ms", func(i int) stat {
 		return summarize(r.series(func(rd round) float64 { return ms(rd.lat[i].p99) }))
 	}, 3, "added "+summarize(r.series(func(rd round) float64 { return ms(rd.lat[tunnel].p99) - ms(rd.lat[direct].p99) })).format(3)+" ms")
+	fmt.Fprintf(tw, "sequential p50 ms through a bare TCP relay process\t\t%s\tadded %s ms\n",
+		summarize(r.series(func(rd round) float64 { return ms(rd.lat[relay].p50) })).format(3), r.added(relay).format(3))
 	cpuRow := func(name string, pick func(cpuSample) time.Duration, big bool) {
 		row(name, func(i int) stat {
 			return summarize(r.series(func(rd round) float64 {
@@ -213,7 +218,7 @@ func (r *report) write(out io.Writer) {
 	small, big, added := r.smallRatio().med, r.bigRatio().med, r.addedP50().med
 	fmt.Fprintf(tw, "small-body req/s\t>= %.2f of direct\t%.3f\t%s\n", goalSmallRatio, small, verdict(small >= goalSmallRatio))
 	fmt.Fprintf(tw, "%s MiB/s\t>= %.2f of direct\t%.3f\t%s\n", mib(int64(c.bigSize)), goalBigRatio, big, verdict(big >= goalBigRatio))
-	fmt.Fprintf(tw, "added p50 latency\t<= %.2f ms\t%.3f ms\t%s\n", goalAddedP50, added, verdict(added <= goalAddedP50))
+	fmt.Fprintf(tw, "added p50 latency\t<= %.2f ms\t%.3f ms\t%s\t(a bare TCP relay process adds %.3f ms here)\n", goalAddedP50, added, verdict(added <= goalAddedP50), r.added(relay).med)
 	_ = tw.Flush()
 
 	if len(r.notes) > 0 {
