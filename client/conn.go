@@ -54,11 +54,16 @@ func (tc *tunnelConn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if data != nil && r.ProtoMajor == 3 && !upgrade {
 		data.overflowed()
 	}
-	// http3 cancels the request context once the response stream is
-	// finished (FIN queued or stream reset), net/http once the handler
-	// returned, which the linger of closeWhenQuiet covers: only then may
-	// the connection be closed without cutting the response short.
-	context.AfterFunc(r.Context(), tc.release)
+	// Only once the response is finished may the connection be closed
+	// without cutting it short. http3 cancels the request context then
+	// (FIN queued or stream reset); net/http flushes the response after the
+	// handler has returned, which the linger of closeWhenQuiet covers, and
+	// a deferred call spares a goroutine per request.
+	if r.ProtoMajor == 3 {
+		context.AfterFunc(r.Context(), tc.release)
+	} else {
+		defer tc.release()
+	}
 
 	rw := &responseWriter{ResponseWriter: w}
 	defer func() {
