@@ -99,20 +99,50 @@ var bigBody = func() []byte {
 	return b
 }()
 
+// holder is a member handler that counts the requests it gets over data
+// connections (HTTP/1.1) and over QUIC, and holds each until released.
+type holder struct {
+	data, quic atomic.Int64
+	mu         sync.Mutex
+	release    chan struct{}
+}
+
+func newHolder() *holder { return &holder{release: make(chan struct{})} }
+
+func (h *holder) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.ProtoMajor == 1 {
+		h.data.Add(1)
+	} else {
+		h.quic.Add(1)
+	}
+	h.mu.Lock()
+	release := h.release
+	h.mu.Unlock()
+	<-release
+}
+
+// wait waits, for 5 s at most, until n requests are held.
+func (h *holder) wait(n int64) {
+	deadline := time.Now().Add(5 * time.Second)
+	for h.data.Load()+h.quic.Load() < n && time.Now().Before(deadline) {
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// releaseAll lets the held requests go and holds the next ones again.
+func (h *holder) releaseAll() {
+	h.mu.Lock()
+	close(h.release)
+	h.release = make(chan struct{})
+	h.mu.Unlock()
+}
+
 // A burst of long requests arriving one after the other finds a spare data
 // connection each time: the member opens new spares as they get busy.
 func TestDataConnectionsGrowWithLoad(t *testing.T) {
 	e := startServer(t, svc)
-	release := make(chan struct{})
-	var onData, onQUIC atomic.Int64
-	e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.ProtoMajor == 1 {
-			onData.Add(1)
-		} else {
-			onQUIC.Add(1)
-		}
-		<-release
-	}))
+	h := newHolder()
+	e.serve(t, "svc", h)
 	const n = 16
 	var wg sync.WaitGroup
 	for range n {
@@ -122,16 +152,13 @@ func TestDataConnectionsGrowWithLoad(t *testing.T) {
 		})
 		time.Sleep(50 * time.Millisecond)
 	}
-	deadline := time.Now().Add(5 * time.Second)
-	for onData.Load()+onQUIC.Load() < n && time.Now().Before(deadline) {
-		time.Sleep(5 * time.Millisecond)
-	}
+	h.wait(n)
 	conns := e.dataConns("svc")
-	close(release)
+	h.releaseAll()
 	wg.Wait()
-	t.Logf("%d requests on data connections, %d on QUIC; %v data connections", onData.Load(), onQUIC.Load(), conns)
-	if onData.Load() != n {
-		t.Errorf("%d of %d requests went over data connections", onData.Load(), n)
+	t.Logf("%d requests on data connections, %d on QUIC; %v data connections", h.data.Load(), h.quic.Load(), conns)
+	if h.data.Load() != n {
+		t.Errorf("%d of %d requests went over data connections", h.data.Load(), n)
 	}
 	if len(conns) != 1 || conns[0] < n+2 {
 		t.Errorf("data connections %v, want at least %d (busy plus spares)", conns, n+2)
@@ -143,21 +170,12 @@ func TestDataConnectionsGrowWithLoad(t *testing.T) {
 // so that the same burst a moment later finds enough of them.
 func TestDataConnectionsCatchUpWithBurst(t *testing.T) {
 	e := startServer(t, svc)
-	var release chan struct{}
-	var onData, onQUIC atomic.Int64
-	e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if r.ProtoMajor == 1 {
-			onData.Add(1)
-		} else {
-			onQUIC.Add(1)
-		}
-		<-release
-	}))
+	h := newHolder()
+	e.serve(t, "svc", h)
 	const n = 24
 	burst := func() (data, quic int64) {
-		onData.Store(0)
-		onQUIC.Store(0)
-		release = make(chan struct{})
+		h.data.Store(0)
+		h.quic.Store(0)
 		var wg sync.WaitGroup
 		for range n {
 			wg.Go(func() {
@@ -165,13 +183,10 @@ func TestDataConnectionsCatchUpWithBurst(t *testing.T) {
 				_, _ = io.Copy(io.Discard, resp.Body)
 			})
 		}
-		deadline := time.Now().Add(5 * time.Second)
-		for onData.Load()+onQUIC.Load() < n && time.Now().Before(deadline) {
-			time.Sleep(5 * time.Millisecond)
-		}
-		close(release)
+		h.wait(n)
+		h.releaseAll()
 		wg.Wait()
-		return onData.Load(), onQUIC.Load()
+		return h.data.Load(), h.quic.Load()
 	}
 	data, quic := burst()
 	t.Logf("first burst: %d requests on data connections, %d on QUIC", data, quic)
