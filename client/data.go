@@ -53,7 +53,7 @@ type dataConns struct {
 	mu    sync.Mutex
 	idle  int // idle or not yet used
 	open  int
-	short int // requests that came over QUIC since the last dial
+	short int // requests that came over QUIC, each owed a connection
 	state map[net.Conn]http.ConnState
 }
 
