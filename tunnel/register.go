@@ -31,11 +31,6 @@ func (s *Server) handle(conn *quic.Conn) {
 	}
 
 	defer s.dropData(m)
-	if !g.add(m) {
-		s.Metrics.registration(g.name, "not_found")
-		_ = conn.CloseWithError(protocol.CodeOK, "tunnel group removed")
-		return
-	}
 	s.Metrics.registration(g.name, "ok")
 	s.Metrics.setMembers(g.name, g.size())
 	log.Info("member registered", "group", g.name, "members", g.size())
@@ -49,7 +44,7 @@ func (s *Server) handle(conn *quic.Conn) {
 }
 
 // register reads, authenticates and answers the register request on the
-// first stream, and returns the new member, not yet in its group. The
+// first stream, and returns the new member, already in its group. The
 // returned group is non-nil whenever the request named a known group, so
 // that failures can be attributed.
 func (s *Server) register(conn *quic.Conn) (*group, *member, *quic.Stream, *protocol.RegisterRequest, error) {
@@ -87,7 +82,15 @@ func (s *Server) register(conn *quic.Conn) (*group, *member, *quic.Stream, *prot
 	if token := s.offerData(m, req.Metadata[protocol.MetadataData]); token != "" {
 		resp.Metadata = map[string]string{protocol.MetadataData: token}
 	}
+	// The member joins before the client hears that it is registered, so
+	// that a request sent on the strength of the answer finds it. Requests
+	// that arrive first wait in QUIC's stream queue until the client serves.
+	if !g.add(m) {
+		s.dropData(m)
+		return g, nil, nil, nil, protocol.ErrNotFound
+	}
 	if err := protocol.WriteResponse(stream, resp); err != nil {
+		g.remove(m)
 		s.dropData(m)
 		return g, nil, nil, nil, err
 	}
