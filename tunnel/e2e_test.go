@@ -134,7 +134,7 @@ func (e *env) waitData(t testing.TB, group, remote string) {
 
 func TestRequestThroughTunnel(t *testing.T) {
 	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServer(t, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
+		e := startServer(t, svc)
 		e.quicOnly = quicOnly
 		e.join(t, "svc", "a", nil)
 		code, body := e.get(t, "SVC.example:8181", "/fo")
@@ -151,7 +151,7 @@ func TestRequestThroughTunnel(t *testing.T) {
 
 func TestRequestsSpreadOverMembers(t *testing.T) {
 	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServer(t, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
+		e := startServer(t, svc)
 		e.quicOnly = quicOnly
 		e.join(t, "svc", "a", nil)
 		e.join(t, "svc", "b", nil)
@@ -172,7 +172,7 @@ func TestRequestsSpreadOverMembers(t *testing.T) {
 
 func TestMemberLeavesGroup(t *testing.T) {
 	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServer(t, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
+		e := startServer(t, svc)
 		e.quicOnly = quicOnly
 		a := e.join(t, "svc", "a", nil)
 		e.join(t, "svc", "b", nil)
@@ -276,7 +276,7 @@ func TestReloadKeepsMembersAndMovesHosts(t *testing.T) {
 
 func TestMetrics(t *testing.T) {
 	reg := prometheus.NewRegistry()
-	e := startServerWith(t, func(s *tunnel.Server) { s.Metrics = tunnel.NewMetrics(reg) }, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
+	e := startServerWith(t, func(s *tunnel.Server) { s.Metrics = tunnel.NewMetrics(reg) }, svc)
 	e.join(t, "svc", "a", nil)
 	for range 3 {
 		e.get(t, "svc.example", "/")
@@ -308,7 +308,7 @@ reverst_registrations_total{group="svc",result="ok"} 1
 
 func TestConcurrentRequests(t *testing.T) {
 	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServer(t, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
+		e := startServer(t, svc)
 		e.quicOnly = quicOnly
 		e.join(t, "svc", "a", nil)
 		e.join(t, "svc", "b", nil)
@@ -374,7 +374,7 @@ func TestForwardedHeaders(t *testing.T) {
 	for _, trust := range []bool{false, true} {
 		t.Run(fmt.Sprintf("trust=%v", trust), func(t *testing.T) {
 			e := startServerWith(t, func(s *tunnel.Server) { s.TrustForwardedHeaders = trust },
-				tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}}, tunnel.Group{Name: "front", Hosts: []string{"front.example"}})
+				svc, tunnel.Group{Name: "front", Hosts: []string{"front.example"}})
 			e.join(t, "svc", "svc", nil)
 			e.join(t, "front", "front", nil)
 			req, _ := http.NewRequest(http.MethodGet, e.frontend+"/", nil)
@@ -407,7 +407,7 @@ func TestMemberRequestLimit(t *testing.T) {
 		e := startServerWith(t, func(s *tunnel.Server) {
 			s.MaxRequestsPerMember = 2
 			s.QueueTimeout = 300 * time.Millisecond
-		}, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
+		}, svc)
 		e.quicOnly = quicOnly
 		release := make(chan struct{})
 		ready := make(chan struct{}, 1)
@@ -464,7 +464,7 @@ func TestRegistrationRateLimit(t *testing.T) {
 	e := startServerWith(t, func(s *tunnel.Server) {
 		s.RegistrationRate = 0.5
 		s.RegistrationBurst = 2
-	}, tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}})
+	}, svc)
 	var limited int
 	for range 4 {
 		conn := e.dialRaw(t)
