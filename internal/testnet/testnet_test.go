@@ -2,7 +2,9 @@ package testnet_test
 
 import (
 	"net"
+	"os"
 	"strconv"
+	"strings"
 	"testing"
 
 	"github.com/reverst-dev/reverst/internal/testnet"
@@ -22,5 +24,26 @@ func TestTunnelPortFreeForBoth(t *testing.T) {
 			t.Fatal(err)
 		}
 		l.Close()
+	}
+}
+
+// Ports come from below the ephemeral range, where no outgoing connection
+// is given a local port, so that a server can stop and later find its
+// port again.
+func TestPortsBelowEphemeralRange(t *testing.T) {
+	b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+	if err != nil {
+		t.Skip("the ephemeral range is not known here:", err)
+	}
+	lo, err := strconv.Atoi(strings.Fields(string(b))[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, network := range []string{testnet.TCP, testnet.UDP, testnet.Tunnel} {
+		for range 20 {
+			if p := testnet.Port(t, network); p >= lo || p < 1024 {
+				t.Fatalf("Port(%s) = %d, want in [1024, %d)", network, p, lo)
+			}
+		}
 	}
 }
