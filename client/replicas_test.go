@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/reverst-dev/reverst/client"
+	"github.com/reverst-dev/reverst/internal/testnet"
 	"github.com/reverst-dev/reverst/protocol"
 )
 
@@ -61,13 +62,10 @@ func replicas(t *testing.T) ([]*tunnelServer, string) {
 		t.Skip("needs 127.0.0.2 and 127.0.0.3 on the loopback interface, as Linux has")
 	}
 	pki := newPKI(t)
-	first := newTunnelServerAt(t, pki, "127.0.0.1:0")
-	_, port, err := net.SplitHostPort(first.addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	servers := []*tunnelServer{first}
-	for _, ip := range []string{"127.0.0.2", "127.0.0.3"} {
+	ips := []string{"127.0.0.1", "127.0.0.2", "127.0.0.3"}
+	port := strconv.Itoa(testnet.Port(t, testnet.UDP, ips...))
+	var servers []*tunnelServer
+	for _, ip := range ips {
 		servers = append(servers, newTunnelServerAt(t, pki, net.JoinHostPort(ip, port)))
 	}
 	return servers, net.JoinHostPort(testSNI, port)

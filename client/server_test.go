@@ -15,6 +15,7 @@ import (
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
 
+	"github.com/reverst-dev/reverst/internal/testnet"
 	"github.com/reverst-dev/reverst/internal/testpki"
 	"github.com/reverst-dev/reverst/protocol"
 )
@@ -108,7 +109,9 @@ func defaultVerdict(req *protocol.RegisterRequest) error {
 
 func newTunnelServer(t testing.TB) *tunnelServer {
 	t.Helper()
-	return newTunnelServerAt(t, newPKI(t), "127.0.0.1:0")
+	// A port below the ephemeral range, which a test that stops the
+	// server finds free when it starts it again.
+	return newTunnelServerAt(t, newPKI(t), testnet.Addr(t, testnet.UDP))
 }
 
 // newTunnelServerAt starts a server with pki's certificate on addr.
