@@ -49,34 +49,34 @@ type Config struct {
 	ExternalAuthDenyTTL  time.Duration `env:"EXTERNAL_AUTH_DENY_TTL" envDefault:"10s"`
 }
 
-func (c *Config) options() []flagenv.Option {
+func configOptions() []flagenv.Option {
 	return []flagenv.Option{
-		{Short: "l", Long: "log", Env: "LOG", Kind: "STRING", Default: "info", Usage: "debug, info, warn or error", Bind: flagenv.String(&c.Log)},
-		{Short: "a", Long: "tunnel-address", Env: "TUNNEL_ADDRESS", Kind: "STRING", Default: "127.0.0.1:7171", Usage: "address for accepting tunnelling quic connections", Bind: flagenv.String(&c.TunnelAddress)},
-		{Short: "s", Long: "http-address", Env: "HTTP_ADDRESS", Kind: "STRING", Default: "0.0.0.0:8181", Usage: "address for serving HTTP requests", Bind: flagenv.String(&c.HTTPAddress)},
-		{Short: "n", Long: "server-name", Env: "SERVER_NAME", Kind: "STRING", Required: true, Usage: "server name used to identify tunnel via TLS", Bind: flagenv.String(&c.ServerName)},
-		{Short: "k", Long: "private-key-path", Env: "PRIVATE_KEY_PATH", Kind: "STRING", Required: true, Usage: "path to TLS private key PEM file", Bind: flagenv.String(&c.PrivateKeyPath)},
-		{Short: "c", Long: "certificate-path", Env: "CERTIFICATE_PATH", Kind: "STRING", Required: true, Usage: "path to TLS certificate PEM file", Bind: flagenv.String(&c.CertificatePath)},
-		{Short: "g", Long: "tunnel-groups", Env: "TUNNEL_GROUPS", Kind: "STRING", Default: "groups.yml", Usage: "path to file, file://, http(s):// or k8s://configmap/NS/NAME/KEY source of tunnel groups", Bind: flagenv.String(&c.TunnelGroups)},
-		{Short: "w", Long: "watch-groups", Env: "WATCH_GROUPS", Usage: "watch tunnel groups sources for updates", Bind: flagenv.Bool(&c.WatchGroups)},
-		{Long: "groups-poll-interval", Env: "GROUPS_POLL_INTERVAL", Kind: "DURATION", Default: "10s", Usage: "how often a watched http(s) groups source is polled", Bind: flagenv.Duration(&c.GroupsPoll)},
-		{Long: "management-address", Env: "MANAGEMENT_ADDRESS", Kind: "STRING", Usage: "HTTP address for management API (/metrics, /healthz, /readyz)", Bind: flagenv.String(&c.ManagementAddress)},
-		{Long: "max-idle-timeout", Env: "MAX_IDLE_TIMEOUT", Kind: "DURATION", Default: "1m0s", Usage: "maximum time a connection can be idle", Bind: flagenv.Duration(&c.MaxIdleTimeout)},
-		{Long: "keep-alive-period", Env: "KEEP_ALIVE_PERIOD", Kind: "DURATION", Default: "30s", Usage: "period between keep-alive events", Bind: flagenv.Duration(&c.KeepAlivePeriod)},
-		{Long: "https-address", Env: "HTTPS_ADDRESS", Kind: "STRING", Usage: "address for serving HTTPS (HTTP/1.1 and HTTP/2) requests; off when empty", Bind: flagenv.String(&c.HTTPSAddress)},
-		{Long: "https-certificate-path", Env: "HTTPS_CERTIFICATE_PATH", Kind: "STRING", Usage: "TLS certificate PEM file of the HTTPS frontend (default: --certificate-path)", Bind: flagenv.String(&c.HTTPSCertificatePath)},
-		{Long: "https-private-key-path", Env: "HTTPS_PRIVATE_KEY_PATH", Kind: "STRING", Usage: "TLS private key PEM file of the HTTPS frontend (default: --private-key-path)", Bind: flagenv.String(&c.HTTPSPrivateKeyPath)},
-		{Long: "trust-forwarded-headers", Env: "TRUST_FORWARDED_HEADERS", Usage: "route by X-Forwarded-Host and extend X-Forwarded-* (only behind a trusted proxy)", Bind: flagenv.Bool(&c.TrustForwardedHeaders)},
-		{Long: "max-header-bytes", Env: "MAX_HEADER_BYTES", Kind: "INT", Default: "65536", Usage: "largest request header the frontends accept", Bind: flagenv.Int(&c.MaxHeaderBytes)},
-		{Long: "max-requests-per-member", Env: "MAX_REQUESTS_PER_MEMBER", Kind: "INT", Usage: "requests in flight per tunnel member before requests queue (default: 0, no limit)", Bind: flagenv.Int(&c.MaxRequestsPerMember)},
-		{Long: "queue-timeout", Env: "QUEUE_TIMEOUT", Kind: "DURATION", Default: "1s", Usage: "how long a request waits for a member below its limit before a 503", Bind: flagenv.Duration(&c.QueueTimeout)},
-		{Long: "registration-rate", Env: "REGISTRATION_RATE", Kind: "FLOAT", Default: "50", Usage: "tunnel registrations per second allowed from one IP address, 0 for no limit", Bind: flagenv.Float(&c.RegistrationRate)},
-		{Long: "registration-burst", Env: "REGISTRATION_BURST", Kind: "INT", Default: "200", Usage: "burst of registrations allowed from one IP address", Bind: flagenv.Int(&c.RegistrationBurst)},
-		{Long: "shutdown-timeout", Env: "SHUTDOWN_TIMEOUT", Kind: "DURATION", Default: "8s", Usage: "time allowed for in-flight requests to finish on SIGTERM (keep it under the grace period of docker stop, 10s by default)", Bind: flagenv.Duration(&c.ShutdownTimeout)},
-		{Long: "external-auth-timeout", Env: "EXTERNAL_AUTH_TIMEOUT", Kind: "DURATION", Default: "3s", Usage: "timeout of one call to an external authentication endpoint", Bind: flagenv.Duration(&c.ExternalAuthTimeout)},
-		{Long: "external-auth-cache-size", Env: "EXTERNAL_AUTH_CACHE_SIZE", Kind: "INT", Default: "4096", Usage: "external authentication decisions kept in the LRU cache", Bind: flagenv.Int(&c.ExternalAuthCache)},
-		{Long: "external-auth-allow-ttl", Env: "EXTERNAL_AUTH_ALLOW_TTL", Kind: "DURATION", Default: "1m0s", Usage: "how long an allow from an external endpoint is cached", Bind: flagenv.Duration(&c.ExternalAuthAllowTTL)},
-		{Long: "external-auth-deny-ttl", Env: "EXTERNAL_AUTH_DENY_TTL", Kind: "DURATION", Default: "10s", Usage: "how long a deny from an external endpoint is cached", Bind: flagenv.Duration(&c.ExternalAuthDenyTTL)},
+		{Short: "l", Long: "log", Field: "Log", Usage: "debug, info, warn or error"},
+		{Short: "a", Long: "tunnel-address", Field: "TunnelAddress", Usage: "address for accepting tunnelling quic connections"},
+		{Short: "s", Long: "http-address", Field: "HTTPAddress", Usage: "address for serving HTTP requests"},
+		{Short: "n", Long: "server-name", Field: "ServerName", Required: true, Usage: "server name used to identify tunnel via TLS"},
+		{Short: "k", Long: "private-key-path", Field: "PrivateKeyPath", Required: true, Usage: "path to TLS private key PEM file"},
+		{Short: "c", Long: "certificate-path", Field: "CertificatePath", Required: true, Usage: "path to TLS certificate PEM file"},
+		{Short: "g", Long: "tunnel-groups", Field: "TunnelGroups", Usage: "path to file, file://, http(s):// or k8s://configmap/NS/NAME/KEY source of tunnel groups"},
+		{Short: "w", Long: "watch-groups", Field: "WatchGroups", Usage: "watch tunnel groups sources for updates"},
+		{Long: "groups-poll-interval", Field: "GroupsPoll", Usage: "how often a watched http(s) groups source is polled"},
+		{Long: "management-address", Field: "ManagementAddress", Usage: "HTTP address for management API (/metrics, /healthz, /readyz)"},
+		{Long: "max-idle-timeout", Field: "MaxIdleTimeout", Usage: "maximum time a connection can be idle"},
+		{Long: "keep-alive-period", Field: "KeepAlivePeriod", Usage: "period between keep-alive events"},
+		{Long: "https-address", Field: "HTTPSAddress", Usage: "address for serving HTTPS (HTTP/1.1 and HTTP/2) requests; off when empty"},
+		{Long: "https-certificate-path", Field: "HTTPSCertificatePath", Usage: "TLS certificate PEM file of the HTTPS frontend (default: --certificate-path)"},
+		{Long: "https-private-key-path", Field: "HTTPSPrivateKeyPath", Usage: "TLS private key PEM file of the HTTPS frontend (default: --private-key-path)"},
+		{Long: "trust-forwarded-headers", Field: "TrustForwardedHeaders", Usage: "route by X-Forwarded-Host and extend X-Forwarded-* (only behind a trusted proxy)"},
+		{Long: "max-header-bytes", Field: "MaxHeaderBytes", Usage: "largest request header the frontends accept"},
+		{Long: "max-requests-per-member", Field: "MaxRequestsPerMember", Usage: "requests in flight per tunnel member before requests queue, 0 for no limit"},
+		{Long: "queue-timeout", Field: "QueueTimeout", Usage: "how long a request waits for a member below its limit before a 503"},
+		{Long: "registration-rate", Field: "RegistrationRate", Usage: "tunnel registrations per second allowed from one IP address, 0 for no limit"},
+		{Long: "registration-burst", Field: "RegistrationBurst", Usage: "burst of registrations allowed from one IP address"},
+		{Long: "shutdown-timeout", Field: "ShutdownTimeout", Usage: "time allowed for in-flight requests to finish on SIGTERM (keep it under the grace period of docker stop, 10s by default)"},
+		{Long: "external-auth-timeout", Field: "ExternalAuthTimeout", Usage: "timeout of one call to an external authentication endpoint"},
+		{Long: "external-auth-cache-size", Field: "ExternalAuthCache", Usage: "external authentication decisions kept in the LRU cache"},
+		{Long: "external-auth-allow-ttl", Field: "ExternalAuthAllowTTL", Usage: "how long an allow from an external endpoint is cached"},
+		{Long: "external-auth-deny-ttl", Field: "ExternalAuthDenyTTL", Usage: "how long a deny from an external endpoint is cached"},
 	}
 }
 
@@ -89,7 +89,7 @@ var ErrUsage = flagenv.ErrUsage
 func ParseConfig(args []string, environ map[string]string, out io.Writer) (*Config, error) {
 	var c Config
 	set := c.settings()
-	rest, err := set.Parse(&c, args, environ)
+	rest, err := set.Parse(args, environ)
 	if errors.Is(err, flag.ErrHelp) {
 		fmt.Fprintf(out, "reverst: a load-balanced HTTP reverse tunnel over QUIC\n\nUSAGE\n  reverst [FLAGS]\n\nFLAGS\n")
 		set.PrintFlags(out)
@@ -108,7 +108,7 @@ func ParseConfig(args []string, environ map[string]string, out io.Writer) (*Conf
 }
 
 func (c *Config) settings() *flagenv.Set {
-	return &flagenv.Set{Command: "reverst", Prefix: EnvPrefix, Options: c.options()}
+	return &flagenv.Set{Command: "reverst", Prefix: EnvPrefix, Settings: c, Options: configOptions()}
 }
 
 func (c *Config) validate() error {

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"flag"
+	"reflect"
 	"strings"
 	"testing"
 	"time"
@@ -107,15 +108,21 @@ func TestHelpListsEveryFlagAndEnv(t *testing.T) {
 	if !errors.Is(err, flag.ErrHelp) {
 		t.Fatalf("got %v, want flag.ErrHelp", err)
 	}
-	var c Config
-	for _, o := range c.options() {
-		for _, w := range []string{"--" + o.Long, "$REVERST_" + o.Env} {
-			if !strings.Contains(out.String(), w) {
-				t.Errorf("usage lacks %s", w)
-			}
+	usage := out.String()
+	for _, o := range configOptions() {
+		if !strings.Contains(usage, "--"+o.Long) {
+			t.Errorf("usage lacks --%s", o.Long)
 		}
-		if o.Short != "" && !strings.Contains(out.String(), "-"+o.Short+", --"+o.Long) {
+		if o.Short != "" && !strings.Contains(usage, "-"+o.Short+", --"+o.Long) {
 			t.Errorf("usage lacks -%s", o.Short)
+		}
+	}
+	for _, f := range reflect.VisibleFields(reflect.TypeFor[Config]()) {
+		if !strings.Contains(usage, "$REVERST_"+f.Tag.Get("env")+"]") {
+			t.Errorf("usage lacks the variable of %s", f.Name)
+		}
+		if d := f.Tag.Get("envDefault"); d != "" && !strings.Contains(usage, "(default: "+d+")") {
+			t.Errorf("usage lacks the default of %s, %s", f.Name, d)
 		}
 	}
 }

@@ -50,20 +50,20 @@ type config struct {
 	target *url.URL
 }
 
-func (c *config) options() []flagenv.Option {
+func options() []flagenv.Option {
 	return []flagenv.Option{
-		{Short: "a", Long: "tunnel-address", Env: "TUNNEL_ADDRESS", Kind: "HOST:PORT", Default: "127.0.0.1:7171", Usage: "tunnel server (QUIC) address; a name is resolved to all its addresses and every one is joined", Bind: flagenv.String(&c.TunnelAddress)},
-		{Short: "g", Long: "group", Env: "TUNNEL_GROUP", Kind: "NAME", Usage: "tunnel group to join (required)", Bind: flagenv.String(&c.Group)},
-		{Short: "n", Long: "server-name", Env: "SERVER_NAME", Kind: "NAME", Default: "host of --tunnel-address", Usage: "name the tunnel server's certificate must cover", Bind: flagenv.String(&c.ServerName)},
-		{Long: "ca", Env: "CA_FILE", Kind: "FILE", Default: "system roots", Usage: "PEM file of the CA certificates that verify the tunnel server", Bind: flagenv.String(&c.CAFile)},
-		{Long: "insecure", Env: "INSECURE_SKIP_VERIFY", Usage: "do not verify the tunnel server's certificate (DANGEROUS: credentials and traffic can be intercepted)", Bind: flagenv.Bool(&c.Insecure)},
-		{Short: "u", Long: "username", Env: "USERNAME", Kind: "USER", Usage: "basic authentication user name", Bind: flagenv.String(&c.Username)},
-		{Short: "p", Long: "password", Env: "PASSWORD", Kind: "PASSWORD", Usage: "basic authentication password (prefer the env var: flags show in ps)", Bind: flagenv.String(&c.Password)},
-		{Short: "t", Long: "token", Env: "TOKEN", Kind: "TOKEN", Usage: "bearer token (prefer the env var: flags show in ps)", Bind: flagenv.String(&c.Token)},
-		{Long: "host-header", Env: "HOST_HEADER", Kind: "MODE", Default: hostPreserve, Usage: "Host sent to the local service: preserve (the visitor's), rewrite (the target's) or a literal host", Bind: flagenv.String(&c.HostHeader)},
-		{Long: "quic-only", Env: "QUIC_ONLY", Usage: "carry every request over QUIC, opening no TCP data connections to the tunnel server", Bind: flagenv.Bool(&c.QUICOnly)},
-		{Long: "shutdown-timeout", Env: "SHUTDOWN_TIMEOUT", Kind: "DURATION", Default: "15s", Usage: "time requests in flight get to finish on SIGINT/SIGTERM", Bind: flagenv.Duration(&c.ShutdownTimeout)},
-		{Short: "l", Long: "log", Env: "LOG", Kind: "LEVEL", Default: "info", Usage: "debug (logs every request), info, warn or error", Bind: flagenv.String(&c.Log)},
+		{Short: "a", Long: "tunnel-address", Field: "TunnelAddress", Kind: "HOST:PORT", Usage: "tunnel server (QUIC) address; a name is resolved to all its addresses and every one is joined"},
+		{Short: "g", Long: "group", Field: "Group", Kind: "NAME", Usage: "tunnel group to join (required)"},
+		{Short: "n", Long: "server-name", Field: "ServerName", Kind: "NAME", Default: "host of --tunnel-address", Usage: "name the tunnel server's certificate must cover"},
+		{Long: "ca", Field: "CAFile", Kind: "FILE", Default: "system roots", Usage: "PEM file of the CA certificates that verify the tunnel server"},
+		{Long: "insecure", Field: "Insecure", Usage: "do not verify the tunnel server's certificate (DANGEROUS: credentials and traffic can be intercepted)"},
+		{Short: "u", Long: "username", Field: "Username", Kind: "USER", Usage: "basic authentication user name"},
+		{Short: "p", Long: "password", Field: "Password", Kind: "PASSWORD", Usage: "basic authentication password (prefer the env var: flags show in ps)"},
+		{Short: "t", Long: "token", Field: "Token", Kind: "TOKEN", Usage: "bearer token (prefer the env var: flags show in ps)"},
+		{Long: "host-header", Field: "HostHeader", Kind: "MODE", Usage: "Host sent to the local service: preserve (the visitor's), rewrite (the target's) or a literal host"},
+		{Long: "quic-only", Field: "QUICOnly", Usage: "carry every request over QUIC, opening no TCP data connections to the tunnel server"},
+		{Long: "shutdown-timeout", Field: "ShutdownTimeout", Usage: "time requests in flight get to finish on SIGINT/SIGTERM"},
+		{Short: "l", Long: "log", Field: "Log", Kind: "LEVEL", Usage: "debug (logs every request), info, warn or error"},
 	}
 }
 
@@ -75,8 +75,8 @@ var errUsage = flagenv.ErrUsage
 // Flags and the two arguments may come in any order.
 func parseConfig(args []string, environ map[string]string, out io.Writer) (*config, error) {
 	var c config
-	set := &flagenv.Set{Command: "reverst-tunnel", Prefix: envPrefix, Options: c.options()}
-	positional, err := set.Parse(&c, args, environ)
+	set := &flagenv.Set{Command: "reverst-tunnel", Prefix: envPrefix, Settings: &c, Options: options()}
+	positional, err := set.Parse(args, environ)
 	if errors.Is(err, flag.ErrHelp) {
 		fmt.Fprint(out, usageHeader)
 		set.PrintFlags(out)

@@ -93,11 +93,9 @@ func TestUsageListsEveryFlagAndEnv(t *testing.T) {
 		t.Fatalf("parseConfig(-h) = %v, want flag.ErrHelp", err)
 	}
 	usage := out.String()
-	for _, o := range (&config{}).options() {
-		for _, want := range []string{"--" + o.Long, "$" + envPrefix + o.Env} {
-			if !strings.Contains(usage, want) {
-				t.Errorf("usage lacks %q", want)
-			}
+	for _, o := range options() {
+		if !strings.Contains(usage, "--"+o.Long) {
+			t.Errorf("usage lacks --%s", o.Long)
 		}
 		if o.Short != "" && !strings.Contains(usage, "-"+o.Short+", --"+o.Long) {
 			t.Errorf("usage lacks -%s", o.Short)

@@ -24,68 +24,128 @@ import (
 // ErrUsage marks configuration errors; commands exit with status 2.
 var ErrUsage = errors.New("invalid configuration")
 
-// Option is one setting.
+// Option is one setting: a field of the settings struct and its flags.
+// The field's env tag names the environment variable and its envDefault
+// is the default, so that neither is written twice.
 type Option struct {
 	Short, Long string // flag names; Short may be empty
-	Env         string // environment variable, without the prefix
-	Kind        string // value placeholder in the usage; empty for a switch
-	Default     string // shown in the usage
-	Usage       string
-	Required    bool // a string setting that must not be empty
-	// Bind defines the flag name on fs, storing into the setting's field
-	// with the field's current value as the default.
-	Bind func(fs *flag.FlagSet, name string)
-}
-
-// String, Bool, Int, Float and Duration make the Bind of an Option.
-func String(p *string) func(*flag.FlagSet, string) {
-	return func(fs *flag.FlagSet, name string) { fs.StringVar(p, name, *p, "") }
-}
-
-func Bool(p *bool) func(*flag.FlagSet, string) {
-	return func(fs *flag.FlagSet, name string) { fs.BoolVar(p, name, *p, "") }
-}
-
-func Int(p *int) func(*flag.FlagSet, string) {
-	return func(fs *flag.FlagSet, name string) { fs.IntVar(p, name, *p, "") }
-}
-
-func Float(p *float64) func(*flag.FlagSet, string) {
-	return func(fs *flag.FlagSet, name string) { fs.Float64Var(p, name, *p, "") }
-}
-
-func Duration(p *time.Duration) func(*flag.FlagSet, string) {
-	return func(fs *flag.FlagSet, name string) { fs.DurationVar(p, name, *p, "") }
+	Field       string // the struct field set
+	// Kind is the value placeholder in the usage; empty, it follows the
+	// field's type (STRING, INT, FLOAT, DURATION, nothing for a switch).
+	Kind string
+	// Default is shown in the usage instead of the envDefault, for a
+	// default that is not a value ("system roots").
+	Default  string
+	Usage    string
+	Required bool // a string setting that must not be empty
 }
 
 // Set is the settings of one command.
 type Set struct {
-	Command string // for messages: "see COMMAND -h"
-	Prefix  string // of every environment variable, e.g. "REVERST_"
-	Options []Option
+	Command  string // for messages: "see COMMAND -h"
+	Prefix   string // of every environment variable, e.g. "REVERST_"
+	Settings any    // pointer to the struct of env-tagged fields the Options set
+	Options  []Option
 }
 
-// Parse fills dst, a pointer to a struct with env tags that the Options
-// bind, from environ (nil: the process environment) and then args, and
-// returns the positional arguments, which may stand among the flags.
-// -h and --help return flag.ErrHelp. Every other error wraps ErrUsage and
-// names the flag or variable at fault; required settings left empty are
-// all reported at once.
-func (s *Set) Parse(dst any, args []string, environ map[string]string) ([]string, error) {
+// setting is an Option bound to its field.
+type setting struct {
+	Option
+	env, def string
+	ptr      any // to the field
+}
+
+// settings binds the Options to the fields of s.Settings. A mistake there
+// is the program's, not the user's, and panics, as the flag package does
+// on a flag defined twice: every field with an env tag must have exactly
+// one option, of a type it can parse.
+func (s *Set) settings() []setting {
+	v := reflect.ValueOf(s.Settings)
+	if v.Kind() != reflect.Pointer || v.Elem().Kind() != reflect.Struct {
+		panic(fmt.Sprintf("flagenv: Settings of %s is %T, want a pointer to a struct", s.Command, s.Settings))
+	}
+	v = v.Elem()
+	t := v.Type()
+	bound := map[string]bool{}
+	out := make([]setting, 0, len(s.Options))
+	for _, o := range s.Options {
+		f, ok := t.FieldByName(o.Field)
+		if !ok || f.Tag.Get("env") == "" || bound[o.Field] {
+			panic(fmt.Sprintf("flagenv: --%s: %s has no field %q with an env tag, or another option sets it", o.Long, t, o.Field))
+		}
+		bound[o.Field] = true
+		st := setting{Option: o, env: f.Tag.Get("env"), def: f.Tag.Get("envDefault"), ptr: v.FieldByIndex(f.Index).Addr().Interface()}
+		if o.Default != "" {
+			st.def = o.Default
+		}
+		if st.Kind == "" {
+			st.Kind = kind(st.ptr, o.Long)
+		}
+		out = append(out, st)
+	}
+	for _, f := range reflect.VisibleFields(t) {
+		if f.Tag.Get("env") != "" && !bound[f.Name] {
+			panic(fmt.Sprintf("flagenv: %s.%s has an env tag but no option", t, f.Name))
+		}
+	}
+	return out
+}
+
+// kind returns the usage placeholder of a field's type.
+func kind(ptr any, long string) string {
+	switch ptr.(type) {
+	case *string:
+		return "STRING"
+	case *bool:
+		return ""
+	case *int:
+		return "INT"
+	case *float64:
+		return "FLOAT"
+	case *time.Duration:
+		return "DURATION"
+	}
+	panic(fmt.Sprintf("flagenv: --%s: unsupported field type %T", long, ptr))
+}
+
+// bind defines the flag name on fs, storing into the field, with the
+// value the environment left in it as the default.
+func (st setting) bind(fs *flag.FlagSet, name string) {
+	switch p := st.ptr.(type) {
+	case *string:
+		fs.StringVar(p, name, *p, "")
+	case *bool:
+		fs.BoolVar(p, name, *p, "")
+	case *int:
+		fs.IntVar(p, name, *p, "")
+	case *float64:
+		fs.Float64Var(p, name, *p, "")
+	case *time.Duration:
+		fs.DurationVar(p, name, *p, "")
+	}
+}
+
+// Parse fills s.Settings from environ (nil: the process environment) and
+// then args, and returns the positional arguments, which may stand among
+// the flags. -h and --help return flag.ErrHelp. Every other error wraps
+// ErrUsage and names the flag or variable at fault; required settings left
+// empty are all reported at once.
+func (s *Set) Parse(args []string, environ map[string]string) ([]string, error) {
+	settings := s.settings()
 	opts := env.Options{Prefix: s.Prefix}
 	if environ != nil {
 		opts.Environment = environ
 	}
-	if err := env.ParseWithOptions(dst, opts); err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrUsage, s.envError(dst, err))
+	if err := env.ParseWithOptions(s.Settings, opts); err != nil {
+		return nil, fmt.Errorf("%w: %w", ErrUsage, s.envError(err))
 	}
 	fs := flag.NewFlagSet(s.Command, flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
-	for _, o := range s.Options {
-		if o.Short != "" {
-			o.Bind(fs, o.Short)
+	for _, st := range settings {
+		if st.Short != "" {
+			st.bind(fs, st.Short)
 		}
-		o.Bind(fs, o.Long)
+		st.bind(fs, st.Long)
 	}
 	var positional []string
 	for rest := args; ; {
@@ -102,13 +162,13 @@ func (s *Set) Parse(dst any, args []string, environ map[string]string) ([]string
 		positional, rest = append(positional, rest[0]), rest[1:]
 	}
 	var missing []error
-	for _, o := range s.Options {
-		if o.Required && fs.Lookup(o.Long).Value.String() == "" {
-			name := "--" + o.Long
-			if o.Short != "" {
-				name = "-" + o.Short + "/" + name
+	for _, st := range settings {
+		if st.Required && fs.Lookup(st.Long).Value.String() == "" {
+			name := "--" + st.Long
+			if st.Short != "" {
+				name = "-" + st.Short + "/" + name
 			}
-			missing = append(missing, fmt.Errorf("missing required setting %s (flag %s or env %s%s)", o.Long, name, s.Prefix, o.Env))
+			missing = append(missing, fmt.Errorf("missing required setting %s (flag %s or env %s%s)", st.Long, name, s.Prefix, st.env))
 		}
 	}
 	if len(missing) > 0 {
@@ -119,12 +179,12 @@ func (s *Set) Parse(dst any, args []string, environ map[string]string) ([]string
 
 // envError names the environment variable behind each parse error; the
 // library only knows the Go field.
-func (s *Set) envError(dst any, err error) error {
+func (s *Set) envError(err error) error {
 	var agg env.AggregateError
 	if !errors.As(err, &agg) {
 		return err
 	}
-	t := reflect.TypeOf(dst).Elem()
+	t := reflect.TypeOf(s.Settings).Elem()
 	var errs []error
 	for _, e := range agg.Errors {
 		var pe env.ParseError
@@ -142,22 +202,22 @@ func (s *Set) envError(dst any, err error) error {
 // PrintFlags writes one line per option, aligned.
 func (s *Set) PrintFlags(out io.Writer) {
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
-	for _, o := range s.Options {
-		name := "    --" + o.Long
-		if o.Short != "" {
-			name = "-" + o.Short + ", --" + o.Long
+	for _, st := range s.settings() {
+		name := "    --" + st.Long
+		if st.Short != "" {
+			name = "-" + st.Short + ", --" + st.Long
 		}
-		if o.Kind != "" {
-			name += " " + o.Kind
+		if st.Kind != "" {
+			name += " " + st.Kind
 		}
-		usage := o.Usage
+		usage := st.Usage
 		switch {
-		case o.Required:
+		case st.Required:
 			usage += " (required)"
-		case o.Default != "":
-			usage += " (default: " + o.Default + ")"
+		case st.def != "":
+			usage += " (default: " + st.def + ")"
 		}
-		fmt.Fprintf(tw, "  %s\t%s [$%s%s]\n", name, usage, s.Prefix, o.Env)
+		fmt.Fprintf(tw, "  %s\t%s [$%s%s]\n", name, usage, s.Prefix, st.env)
 	}
 	_ = tw.Flush()
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"flag"
+	"fmt"
 	"strings"
 	"testing"
 	"time"
@@ -16,10 +17,10 @@ type settings struct {
 }
 
 func (s *settings) set() *Set {
-	return &Set{Command: "cmd", Prefix: "T_", Options: []Option{
-		{Short: "n", Long: "name", Env: "NAME", Kind: "STRING", Usage: "a name", Required: true, Bind: String(&s.Name)},
-		{Long: "wait", Env: "WAIT", Kind: "DURATION", Default: "1s", Usage: "a wait", Bind: Duration(&s.Wait)},
-		{Short: "q", Long: "quiet", Env: "QUIET", Usage: "no output", Bind: Bool(&s.Quiet)},
+	return &Set{Command: "cmd", Prefix: "T_", Settings: s, Options: []Option{
+		{Short: "n", Long: "name", Field: "Name", Usage: "a name", Required: true},
+		{Long: "wait", Field: "Wait", Usage: "a wait"},
+		{Short: "q", Long: "quiet", Field: "Quiet", Usage: "no output"},
 	}}
 }
 
@@ -46,7 +47,7 @@ func TestParse(t *testing.T) {
 			if environ == nil {
 				environ = map[string]string{}
 			}
-			rest, err := s.set().Parse(&s, tt.args, environ)
+			rest, err := s.set().Parse(tt.args, environ)
 			if tt.err != "" {
 				if !errors.Is(err, ErrUsage) || !strings.Contains(err.Error(), tt.err) {
 					t.Fatalf("got %v, want ErrUsage with %q", err, tt.err)
@@ -66,7 +67,7 @@ func TestParse(t *testing.T) {
 func TestHelpAndFlags(t *testing.T) {
 	var s settings
 	set := s.set()
-	if _, err := set.Parse(&s, []string{"-h"}, map[string]string{}); !errors.Is(err, flag.ErrHelp) {
+	if _, err := set.Parse([]string{"-h"}, map[string]string{}); !errors.Is(err, flag.ErrHelp) {
 		t.Fatalf("got %v, want flag.ErrHelp", err)
 	}
 	var out bytes.Buffer
@@ -86,5 +87,31 @@ func TestLevel(t *testing.T) {
 	}
 	if _, err := Level("loud"); err == nil {
 		t.Error("Level(loud) accepted")
+	}
+}
+
+// A settings struct and its options that disagree are the program's
+// mistake, found the first time the command parses its settings.
+func TestMismatchPanics(t *testing.T) {
+	var s settings
+	tests := []struct {
+		name    string
+		options []Option
+		want    string
+	}{
+		{"unknown field", append(s.set().Options, Option{Long: "x", Field: "X"}), `no field "X"`},
+		{"field set twice", append(s.set().Options, Option{Long: "name2", Field: "Name"}), `another option sets it`},
+		{"field without option", s.set().Options[:2], "Quiet has an env tag but no option"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			defer func() {
+				if r := recover(); r == nil || !strings.Contains(fmt.Sprint(r), tt.want) {
+					t.Fatalf("recovered %v, want a panic with %q", r, tt.want)
+				}
+			}()
+			set := &Set{Command: "cmd", Prefix: "T_", Settings: &s, Options: tt.options}
+			_, _ = set.Parse(nil, map[string]string{"T_NAME": "x"})
+		})
 	}
 }
