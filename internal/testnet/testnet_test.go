@@ -39,6 +39,9 @@ func TestPortsBelowEphemeralRange(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	if lo <= 11000 {
+		t.Skipf("the ephemeral range starts at %d, leaving too few ports below it to draw from", lo)
+	}
 	for _, network := range []string{testnet.TCP, testnet.UDP, testnet.Tunnel} {
 		for range 20 {
 			if p := testnet.Port(t, network); p >= lo || p < 1024 {
