@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/reverst-dev/reverst/protocol"
@@ -170,6 +171,31 @@ type dataConn struct {
 	// connections hold none.
 	br *bufio.Reader
 	bw *bufio.Writer
+}
+
+// stale reports whether dc, idle in its pool, was closed by the member or
+// holds bytes nobody asked for. It costs a system call, so only requests
+// that must not be sent twice ask.
+func (dc *dataConn) stale() bool {
+	if dc.raw.buf != nil {
+		return true
+	}
+	sc, ok := dc.raw.Conn.(syscall.Conn)
+	if !ok {
+		return false
+	}
+	rc, err := sc.SyscallConn()
+	if err != nil {
+		return true
+	}
+	var closed bool
+	if err := rc.Read(func(fd uintptr) bool {
+		closed = peekClosed(fd)
+		return true // never wait
+	}); err != nil {
+		return true
+	}
+	return closed
 }
 
 // dataBufs recycles the buffered readers and writers of exchanges on data
@@ -337,7 +363,9 @@ func (s *Server) roundTripData(ctx context.Context, w http.ResponseWriter, p *da
 			err = dc.bw.Flush()
 		}
 		if err != nil {
-			return fail(err)
+			// The request is its header, which the member acts on only
+			// once it has all of it.
+			return fail(fmt.Errorf("%w: %w", errNotSent, err))
 		}
 		written <- nil
 	} else {

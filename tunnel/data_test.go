@@ -205,26 +205,87 @@ func TestDataConnectionsCatchUpWithBurst(t *testing.T) {
 	}
 }
 
-// A data connection that dies before the answer of a request without a
-// body costs the visitor nothing: the request is sent again.
-func TestDataConnectionLostBeforeAnswerRetried(t *testing.T) {
+// A data connection that dies before the answer costs the visitor nothing
+// when the request is safe to repeat: it is sent again. One the member may
+// have acted on (a POST, a DELETE) is not, unless an idempotency key lets
+// the member recognise the repeat; the visitor gets 502 instead of a
+// second charge.
+func TestDataConnectionLostBeforeAnswer(t *testing.T) {
+	for _, tc := range []struct {
+		method, key string
+		wantCode    int
+		wantCalls   int64
+	}{
+		{http.MethodGet, "", http.StatusOK, 2},
+		{http.MethodHead, "", http.StatusOK, 2},
+		{http.MethodPost, "", http.StatusBadGateway, 1},
+		{http.MethodDelete, "", http.StatusBadGateway, 1},
+		{http.MethodPost, "Idempotency-Key", http.StatusOK, 2},
+		{http.MethodPatch, "X-Idempotency-Key", http.StatusOK, 2},
+	} {
+		t.Run(tc.method+" "+tc.key, func(t *testing.T) {
+			e := startServer(t, svc)
+			var calls atomic.Int64
+			e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if calls.Add(1) == 1 {
+					c, _, err := http.NewResponseController(w).Hijack()
+					if err != nil {
+						t.Errorf("hijack: %v", err)
+						return
+					}
+					c.Close()
+					return
+				}
+				io.WriteString(w, "second try")
+			}))
+			req := e.newRequest(t, t.Context(), tc.method, "/", nil)
+			if tc.key != "" {
+				req.Header.Set(tc.key, "k1")
+			}
+			resp := e.do(t, req)
+			if resp.StatusCode != tc.wantCode || calls.Load() != tc.wantCalls {
+				t.Fatalf("got %d after %d calls, want %d after %d", resp.StatusCode, calls.Load(), tc.wantCode, tc.wantCalls)
+			}
+		})
+	}
+}
+
+// A data connection the member closed while it sat idle is not where a
+// request that must not run twice goes: the server looks before sending
+// it, instead of learning from a failure it could not retry.
+func TestIdleDataConnectionClosedByMember(t *testing.T) {
 	e := startServer(t, svc)
-	var calls atomic.Int64
+	var posts atomic.Int64
 	e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if calls.Add(1) == 1 {
-			c, _, err := http.NewResponseController(w).Hijack()
+		if r.URL.Path == "/last" {
+			// A complete keep-alive answer, then the connection goes:
+			// the server pools a connection that is already closed.
+			c, bw, err := http.NewResponseController(w).Hijack()
 			if err != nil {
 				t.Errorf("hijack: %v", err)
 				return
 			}
+			bw.WriteString("HTTP/1.1 200 OK\r\nContent-Length: 4\r\n\r\nlast")
+			bw.Flush()
 			c.Close()
 			return
 		}
-		io.WriteString(w, "second try")
+		posts.Add(1)
+		io.WriteString(w, "posted")
 	}))
-	code, body := e.get(t, "svc.example", "/")
-	if code != http.StatusOK || body != "second try" || calls.Load() != 2 {
-		t.Fatalf("got %d %q after %d calls, want 200 \"second try\" after 2", code, body, calls.Load())
+	for range 5 {
+		if code, body := e.get(t, "svc.example", "/last"); code != http.StatusOK || body != "last" {
+			t.Fatalf("GET /last = %d %q", code, body)
+		}
+		time.Sleep(20 * time.Millisecond) // the close arrives
+		resp := e.do(t, e.newRequest(t, t.Context(), http.MethodPost, "/charge", nil))
+		body, _ := io.ReadAll(resp.Body)
+		if resp.StatusCode != http.StatusOK || string(body) != "posted" {
+			t.Fatalf("POST after the member closed an idle connection: %d %q", resp.StatusCode, body)
+		}
+	}
+	if n := posts.Load(); n != 5 {
+		t.Fatalf("member saw %d POSTs, want 5", n)
 	}
 }
 

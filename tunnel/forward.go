@@ -3,6 +3,7 @@ package tunnel
 import (
 	"context"
 	"errors"
+	"fmt"
 	"io"
 	"mime"
 	"net"
@@ -56,7 +57,14 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, g *group) (stat
 			stop func() bool
 			lost bool
 		)
-		if dc := m.data.get(); dc != nil {
+		dc := m.data.get()
+		for dc != nil && !replayable(out) && dc.stale() {
+			// A request that must not run twice cannot learn the hard way
+			// that the member closed this connection while it was idle.
+			m.data.discard(dc)
+			dc = m.data.get()
+		}
+		if dc != nil {
 			// A failure before the response header, other than an answer
 			// the member got wrong, is the connection's.
 			res, err = s.roundTripData(ctx, w, &m.data, dc, out)
@@ -68,9 +76,9 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, g *group) (stat
 		if err != nil {
 			g.release(m)
 			// The member's connection died before answering: a request
-			// without a body cannot have been consumed in part, so it is
-			// sent once more, preferably to another member.
-			if attempt == 0 && lost && out.Body == nil && ctx.Err() == nil {
+			// without a body that is safe to repeat, or that never reached
+			// the member, is sent once more, preferably to another member.
+			if attempt == 0 && lost && ctx.Err() == nil && (replayable(out) || out.Body == nil && errors.Is(err, errNotSent)) {
 				tried = m
 				continue
 			}
@@ -97,6 +105,28 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, g *group) (stat
 }
 
 var errMemberGone = errors.New("member connection lost")
+
+// errNotSent marks a failure before the member can have seen the whole
+// request, which makes it safe to send again whatever its method.
+var errNotSent = errors.New("request not sent")
+
+// replayable reports whether out may be sent again after its member's
+// connection died with no answer, when the member may have acted on it:
+// it has no body to have been consumed, and its method is safe, or an
+// idempotency key (non-standard but widespread) lets the member recognise
+// the repeat. net/http's Transport draws the same line.
+func replayable(out *http.Request) bool {
+	if out.Body != nil {
+		return false
+	}
+	switch out.Method {
+	case http.MethodGet, http.MethodHead, http.MethodOptions, http.MethodTrace:
+		return true
+	}
+	_, key := out.Header["Idempotency-Key"]
+	_, xkey := out.Header["X-Idempotency-Key"]
+	return key || xkey
+}
 
 // connectionLost reports whether err means that m's connection is gone,
 // rather than that this one request failed. The connection's context is
@@ -131,7 +161,7 @@ func (s *Server) exchange(ctx context.Context, w http.ResponseWriter, m *member,
 	}
 	str, err := m.cc.OpenRequestStream(ctx)
 	if err != nil {
-		return nil, nil, err
+		return nil, nil, fmt.Errorf("%w: %w", errNotSent, err)
 	}
 	stop = context.AfterFunc(ctx, func() {
 		str.CancelWrite(quic.StreamErrorCode(http3.ErrCodeRequestCanceled))
@@ -151,7 +181,8 @@ func (s *Server) exchange(ctx context.Context, w http.ResponseWriter, m *member,
 // passing informational ones on to the visitor.
 func readFinal(w http.ResponseWriter, str *http3.RequestStream, out *http.Request) (*http.Response, error) {
 	if err := str.SendRequestHeader(out); err != nil {
-		return nil, err
+		// A header cut short is no request to the member.
+		return nil, fmt.Errorf("%w: %w", errNotSent, err)
 	}
 	// The request is out; closing only ends it. A member that answered
 	// before the end arrived may have stopped reading already, which fails
