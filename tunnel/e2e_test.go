@@ -460,6 +460,67 @@ func TestMemberRequestLimit(t *testing.T) {
 	})
 }
 
+// In a group large enough to be balanced by sampling two members, a
+// request goes to a member below its limit while there is one, rather
+// than queueing behind the two it sampled.
+func TestMemberRequestLimitLargeGroup(t *testing.T) {
+	e := startServerWith(t, func(s *tunnel.Server) {
+		s.MaxRequestsPerMember = 1
+		s.QueueTimeout = 2 * time.Second
+	}, svc)
+	const members = 9
+	release := make(chan struct{})
+	held := make(chan struct{}, members)
+	for i := range members {
+		name := fmt.Sprint(i)
+		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == "/hold" {
+				held <- struct{}{}
+				<-release
+			}
+			io.WriteString(w, name)
+		}))
+	}
+	var once sync.Once
+	free := func() { once.Do(func() { close(release) }) }
+	defer free()
+	holds := make(chan error, members)
+	for range members - 1 {
+		go func() {
+			req, _ := http.NewRequest(http.MethodGet, e.frontend+"/hold", nil)
+			req.Host = "svc.example"
+			resp, err := http.DefaultClient.Do(req)
+			if err == nil {
+				resp.Body.Close()
+			}
+			holds <- err
+		}()
+	}
+	for range members - 1 {
+		select {
+		case <-held:
+		case <-time.After(5 * time.Second):
+			t.Fatal("the held requests did not each find a free member")
+		}
+	}
+	// One member is free; every request must find it at once.
+	start := time.Now()
+	for i := range 20 {
+		if code, body := e.get(t, "svc.example", "/"); code != http.StatusOK {
+			t.Fatalf("request %d with one member free: %d %q", i, code, body)
+		}
+	}
+	if d := time.Since(start); d > time.Second {
+		t.Fatalf("20 requests took %v: they queued although a member was free", d)
+	}
+	free()
+	for range members - 1 {
+		if err := <-holds; err != nil {
+			t.Errorf("held request: %v", err)
+		}
+	}
+}
+
 func TestRegistrationRateLimit(t *testing.T) {
 	e := startServerWith(t, func(s *tunnel.Server) {
 		s.RegistrationRate = 0.5

@@ -144,16 +144,11 @@ func (g *group) retire() []*member {
 func (g *group) size() int { return len(*g.members.Load()) }
 
 // pick chooses the live member with the fewest requests in flight, skipping
-// except. Small groups are scanned whole from a rotating start, so that ties
-// (an idle group) spread round-robin; large ones use the power of two
-// choices, which is nearly as good and constant time.
+// except. Small groups are scanned whole (see leastLoaded); large ones use
+// the power of two choices, which is nearly as good and constant time.
 func (g *group) pick(except *member) *member {
 	ms := *g.members.Load()
-	n := len(ms)
-	if n == 0 {
-		return nil
-	}
-	if n > 8 {
+	if n := len(ms); n > 8 {
 		for range 4 {
 			a, b := ms[rand.IntN(n)], ms[rand.IntN(n)]
 			if b.inflight.Load() < a.inflight.Load() {
@@ -166,7 +161,21 @@ func (g *group) pick(except *member) *member {
 			}
 		}
 	}
-	start := int(g.next.Add(1)) % n
+	return g.leastLoaded(except)
+}
+
+// leastLoaded scans every member for the live one with the fewest requests
+// in flight, skipping except. The scan starts at a rotating position, so
+// that ties (an idle group) spread round-robin.
+func (g *group) leastLoaded(except *member) *member {
+	ms := *g.members.Load()
+	n := len(ms)
+	if n == 0 {
+		return nil
+	}
+	// Modulo before the conversion: on 32-bit platforms int(uint32) turns
+	// negative past 2^31 picks.
+	start := int(g.next.Add(1) % uint32(n))
 	var best *member
 	var bestLoad int64
 	for i := range n {

@@ -29,14 +29,14 @@ func (s *Server) acquire(ctx context.Context, g *group, except *member) (*member
 		if m == nil {
 			return nil, errNoMember
 		}
-		if n := m.inflight.Add(1); s.MaxRequestsPerMember <= 0 || n <= int64(s.MaxRequestsPerMember) {
-			if timer != nil {
-				timer.Stop()
-			}
+		if s.take(m) {
 			return m, nil
 		}
-		// The least loaded member is full, so all are.
-		m.inflight.Add(-1)
+		// A sampled member may be full while others are not; the least
+		// loaded of all being full means every member is.
+		if least := g.leastLoaded(except); least != nil && least != m && s.take(least) {
+			return least, nil
+		}
 		if timer == nil {
 			d := s.QueueTimeout
 			if d <= 0 {
@@ -53,6 +53,15 @@ func (s *Server) acquire(ctx context.Context, g *group, except *member) (*member
 			return nil, ctx.Err()
 		}
 	}
+}
+
+// take counts a request in flight on m if m is below its limit.
+func (s *Server) take(m *member) bool {
+	if n := m.inflight.Add(1); s.MaxRequestsPerMember <= 0 || n <= int64(s.MaxRequestsPerMember) {
+		return true
+	}
+	m.inflight.Add(-1)
+	return false
 }
 
 // registrationLimiter throttles registrations per remote IP address, so
