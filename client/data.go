@@ -283,9 +283,11 @@ func (l *connListener) Close() error {
 func (l *connListener) Addr() net.Addr { return l.addr }
 
 // coalescingConn sits under a tls.Conn and turns the records of one
-// tls.Conn.Write into one system call: TLS writes a record of at most
+// tls.Conn.Write into few system calls: TLS writes a record of at most
 // 16 KiB at a time, and on a bulk response those writes cost more than the
-// encryption. Writes outside a batch go straight through, in order.
+// encryption. A batch leaves whenever it fills batchSize, so that a large
+// write is neither held whole in memory nor sent only once all of it is
+// encrypted. Writes outside a batch go straight through, in order.
 type coalescingConn struct {
 	net.Conn
 	pool  *sync.Pool // of *[]byte
@@ -304,13 +306,24 @@ func (c *coalescingConn) Write(p []byte) (int, error) {
 		if b, ok := c.pool.Get().(*[]byte); ok {
 			c.buf = b
 		} else {
-			b := make([]byte, 0, 64<<10)
+			b := make([]byte, 0, 64<<10) // grown by bulk writes
 			c.buf = &b
 		}
+	}
+	if len(*c.buf) > 0 && len(*c.buf)+len(p) > batchSize {
+		if _, err := c.Conn.Write(*c.buf); err != nil {
+			return 0, err
+		}
+		*c.buf = (*c.buf)[:0]
 	}
 	*c.buf = append(*c.buf, p...)
 	return len(p), nil
 }
+
+// batchSize is the most a write batch holds before it is sent: sixteen
+// TLS records, one system call per 256 KiB of a bulk response, as the
+// server reads them.
+const batchSize = 256 << 10
 
 func (c *coalescingConn) begin() {
 	c.mu.Lock()
@@ -326,10 +339,16 @@ func (c *coalescingConn) flush() error {
 	if c.buf == nil {
 		return nil
 	}
-	_, err := c.Conn.Write(*c.buf)
-	// Back to the pool, so that idle tunnels hold no buffer.
-	*c.buf = (*c.buf)[:0]
-	c.pool.Put(c.buf)
+	var err error
+	if len(*c.buf) > 0 {
+		_, err = c.Conn.Write(*c.buf)
+	}
+	// Back to the pool, so that idle tunnels hold no buffer; one that a
+	// single write larger than a batch grew is left to the collector.
+	if cap(*c.buf) <= 2*batchSize {
+		*c.buf = (*c.buf)[:0]
+		c.pool.Put(c.buf)
+	}
 	c.buf = nil
 	return err
 }
