@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -554,6 +555,41 @@ func TestChunkedRequestWithTrailer(t *testing.T) {
 		b, _ := io.ReadAll(resp.Body)
 		if resp.StatusCode != http.StatusOK || string(b) != "-1 abc abc-ok" {
 			t.Fatalf("got %d %q", resp.StatusCode, b)
+		}
+	})
+}
+
+// A visitor over HTTP/2 may send trailers after a body of declared length;
+// HTTP/1.1, on a data connection, carries trailers only with a chunked
+// body, so the request is sent chunked rather than without them.
+func TestTrailersAfterSizedBody(t *testing.T) {
+	paths(t, func(t *testing.T, quicOnly bool) {
+		e := startServer(t, svc)
+		e.quicOnly = quicOnly
+		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			b, err := io.ReadAll(r.Body)
+			if err != nil {
+				http.Error(w, err.Error(), http.StatusBadRequest)
+				return
+			}
+			fmt.Fprintf(w, "%s %s", b, r.Trailer.Get("X-Sum"))
+		}))
+		h2 := httptest.NewUnstartedServer(e.srv)
+		h2.EnableHTTP2 = true
+		h2.StartTLS()
+		defer h2.Close()
+		req := e.newRequest(t, t.Context(), http.MethodPost, "/", strings.NewReader("abc"))
+		req.URL.Scheme, req.URL.Host, req.Host = "https", h2.Listener.Addr().String(), "svc.example"
+		req.ContentLength = 3
+		req.Trailer = http.Header{"X-Sum": {"abc-ok"}}
+		resp, err := h2.Client().Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		b, _ := io.ReadAll(resp.Body)
+		if resp.ProtoMajor != 2 || resp.StatusCode != http.StatusOK || string(b) != "abc abc-ok" {
+			t.Fatalf("got %s %d %q, want HTTP/2 200 \"abc abc-ok\"", resp.Proto, resp.StatusCode, b)
 		}
 	})
 }

@@ -388,6 +388,11 @@ func (s *Server) outgoing(r *http.Request) *http.Request {
 		// The map is r's own: the server fills in the values once the
 		// body has been read, which is when the transport sends them.
 		out.Trailer = r.Trailer
+		if len(r.Trailer) > 0 {
+			// HTTP/1.1 carries trailers only after a chunked body; an
+			// HTTP/2 or /3 visitor may announce both them and a length.
+			out.ContentLength = -1
+		}
 	}
 	return out
 }
