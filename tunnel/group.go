@@ -193,6 +193,12 @@ func (g *group) leastLoaded(except *member) *member {
 // release ends a request on m and wakes a waiting one.
 func (g *group) release(m *member) {
 	m.inflight.Add(-1)
+	g.wake()
+}
+
+// wake tells one request waiting for a member below its limit to look
+// again.
+func (g *group) wake() {
 	select {
 	case g.freed <- struct{}{}:
 	default:

@@ -24,18 +24,27 @@ var errBusy = errors.New("every member is at its request limit")
 // free up.
 func (s *Server) acquire(ctx context.Context, g *group, except *member) (*member, error) {
 	var timer *time.Timer
+	got := func(m *member) (*member, error) {
+		if timer != nil {
+			// The channel holds one wake-up: two slots freed while two
+			// requests were between looking and waiting wake only one.
+			// Passing it on lets the next waiter find the other slot.
+			g.wake()
+		}
+		return m, nil
+	}
 	for {
 		m := g.pick(except)
 		if m == nil {
 			return nil, errNoMember
 		}
 		if s.take(m) {
-			return m, nil
+			return got(m)
 		}
 		// A sampled member may be full while others are not; the least
 		// loaded of all being full means every member is.
 		if least := g.leastLoaded(except); least != nil && least != m && s.take(least) {
-			return least, nil
+			return got(least)
 		}
 		if timer == nil {
 			d := s.QueueTimeout
