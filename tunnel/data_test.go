@@ -278,7 +278,7 @@ func TestIdleDataConnectionClosedByMember(t *testing.T) {
 		if code, body := e.get(t, "svc.example", "/last"); code != http.StatusOK || body != "last" {
 			t.Fatalf("GET /last = %d %q", code, body)
 		}
-		time.Sleep(20 * time.Millisecond) // the close arrives
+		time.Sleep(50 * time.Millisecond) // the close arrives
 		resp := e.do(t, e.newRequest(t, t.Context(), http.MethodPost, "/charge", nil))
 		body, _ := io.ReadAll(resp.Body)
 		if resp.StatusCode != http.StatusOK || string(body) != "posted" {
