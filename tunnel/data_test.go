@@ -521,6 +521,10 @@ func TestBodylessResponsesKeepConnectionsInStep(t *testing.T) {
 				if err != nil || resp.StatusCode != c.code || string(b) != c.body {
 					t.Fatalf("%s %s: %d %q %v, want %d %q", c.method, c.path, resp.StatusCode, b, err, c.code, c.body)
 				}
+				// Sent before the handler ends, the answer keeps its length.
+				if c.path == "/" && (resp.ContentLength != 5 || resp.TransferEncoding != nil) {
+					t.Fatalf("%s %s: length %d, transfer encoding %q; want 5, none", c.method, c.path, resp.ContentLength, resp.TransferEncoding)
+				}
 			}
 		}
 	})

@@ -91,6 +91,9 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, g *group) (stat
 		left := ctx.Err()
 		if left == nil {
 			abort = s.respond(w, g, res)
+			if !abort && r.ProtoMajor == 1 && len(res.Trailer) == 0 {
+				flushSized(w)
+			}
 		}
 		_ = res.Body.Close()
 		if stop != nil {
@@ -101,6 +104,20 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, g *group) (stat
 			return s.proxyError(w, r, g, left), false
 		}
 		return res.StatusCode, abort
+	}
+}
+
+// flushSized sends the visitor a response of declared length that has
+// been written whole, rather than after the bookkeeping that ends the
+// handler. One without a declared length is left to net/http, which sets
+// the length it counts if the handler ends before a flush; HTTP/2 would
+// spend a frame on the end of the stream.
+func flushSized(w http.ResponseWriter) {
+	if _, ok := w.Header()["Content-Length"]; !ok {
+		return
+	}
+	if f, ok := w.(http.Flusher); ok {
+		f.Flush()
 	}
 }
 
