@@ -18,6 +18,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -101,6 +102,11 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	}
 	initial, err := source.Load(ctx)
 	if err != nil {
+		if ctx.Err() != nil {
+			// Stopped while a source was slow to answer: a clean stop.
+			logger.Info("reverst stopped before it started")
+			return nil
+		}
 		return fmt.Errorf("loading tunnel groups: %w", err)
 	}
 	if err := w.apply(initial); err != nil {
@@ -135,6 +141,7 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	if err != nil {
 		return fmt.Errorf("--http-address %q: %w", cfg.HTTPAddress, err)
 	}
+	defer frontendLn.Close()
 	newFrontend := func() *http.Server {
 		return &http.Server{
 			Handler:           srv,
@@ -144,39 +151,7 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 			ErrorLog:          slog.NewLogLogger(logger.Handler(), slog.LevelDebug),
 		}
 	}
-	frontend := newFrontend()
-
-	stopCtx, cancelStop := context.WithCancel(context.WithoutCancel(ctx))
-	defer cancelStop()
-	graceful := func() (context.Context, context.CancelFunc) {
-		return context.WithTimeout(stopCtx, cfg.ShutdownTimeout)
-	}
-
-	tasks := []task{
-		{
-			name: "signal",
-			run:  func() error { <-ctx.Done(); return nil },
-			stop: func(error) {},
-		},
-		{
-			name: "http frontend",
-			run: func() error {
-				logger.Info("serving HTTP frontend", "address", frontendLn.Addr().String())
-				if err := frontend.Serve(frontendLn); !errors.Is(err, http.ErrServerClosed) {
-					return fmt.Errorf("http frontend: %w", err)
-				}
-				return nil
-			},
-			stop: func(error) {
-				c, cancel := graceful()
-				defer cancel()
-				if err := frontend.Shutdown(c); err != nil {
-					logger.Warn("http frontend did not drain in time", "error", err)
-					_ = frontend.Close()
-				}
-			},
-		},
-	}
+	frontends := []frontend{{name: "http frontend", srv: newFrontend(), ln: frontendLn}}
 	if cfg.HTTPSAddress != "" {
 		httpsCert := cert
 		if cfg.HTTPSCertificatePath != "" {
@@ -189,35 +164,63 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 		if err != nil {
 			return fmt.Errorf("--https-address %q: %w", cfg.HTTPSAddress, err)
 		}
+		defer httpsLn.Close()
 		https := newFrontend()
 		https.TLSConfig = &tls.Config{
 			Certificates: []tls.Certificate{httpsCert},
 			NextProtos:   []string{"h2", "http/1.1"},
 			MinVersion:   tls.VersionTLS12,
 		}
-		tasks = append(tasks, task{
-			name: "https frontend",
+		frontends = append(frontends, frontend{name: "https frontend", srv: https, ln: httpsLn, tls: true})
+	}
+
+	// One deadline bounds the whole stop, from its first step: a container
+	// runtime kills the process once its own grace period is over.
+	stopCtx, cancelStop := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelStop()
+	var (
+		deadlineOnce   sync.Once
+		deadline       context.Context
+		cancelDeadline context.CancelFunc = func() {}
+	)
+	defer func() { cancelDeadline() }()
+	graceful := func() context.Context {
+		deadlineOnce.Do(func() {
+			deadline, cancelDeadline = context.WithTimeout(stopCtx, cfg.ShutdownTimeout)
+		})
+		return deadline
+	}
+
+	stopSignal := make(chan struct{})
+	tasks := []task{
+		{
+			name: "signal",
 			run: func() error {
-				logger.Info("serving HTTPS frontend", "address", httpsLn.Addr().String())
-				if err := https.ServeTLS(httpsLn, "", ""); !errors.Is(err, http.ErrServerClosed) {
-					return fmt.Errorf("https frontend: %w", err)
+				select {
+				case <-ctx.Done():
+				case <-stopSignal:
 				}
 				return nil
 			},
+			stop: func(error) { close(stopSignal) },
+		},
+		{
+			name: "frontends",
+			run:  func() error { return serveFrontends(frontends, logger) },
 			stop: func(error) {
-				c, cancel := graceful()
-				defer cancel()
-				if err := https.Shutdown(c); err != nil {
-					_ = https.Close()
-				}
+				// Load balancers stop sending visitors while the
+				// frontends drain.
+				w.ready.Store(false)
+				shutdownFrontends(graceful(), frontends, logger)
 			},
-		})
+		},
 	}
 	if cfg.ManagementAddress != "" {
 		mgmtLn, err := net.Listen("tcp", cfg.ManagementAddress)
 		if err != nil {
 			return fmt.Errorf("--management-address %q: %w", cfg.ManagementAddress, err)
 		}
+		defer mgmtLn.Close()
 		mgmt := &http.Server{Handler: w.management(source), ReadHeaderTimeout: 5 * time.Second}
 		tasks = append(tasks, task{
 			name: "management server",
@@ -228,11 +231,7 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 				}
 				return nil
 			},
-			stop: func(error) {
-				c, cancel := graceful()
-				defer cancel()
-				_ = mgmt.Shutdown(c)
-			},
+			stop: func(error) { _ = mgmt.Shutdown(graceful()) },
 		})
 	}
 	if cfg.WatchGroups {
@@ -274,9 +273,7 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 			return nil
 		},
 		stop: func(error) {
-			c, cancel := graceful()
-			defer cancel()
-			_ = srv.Shutdown(c)
+			_ = srv.Shutdown(graceful())
 			_ = ln.Close()
 		},
 	})

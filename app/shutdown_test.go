@@ -1,0 +1,156 @@
+package app
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/reverst-dev/reverst/client"
+	"github.com/reverst-dev/reverst/internal/testnet"
+)
+
+// On SIGTERM every frontend stops taking visitors at once, the server
+// reports itself not ready, and the whole stop, however many frontends
+// drain, takes at most --shutdown-timeout: a container runtime kills the
+// process after its own grace period (docker stop's 10 s).
+func TestShutdownStopsEveryFrontendAtOnce(t *testing.T) {
+	dir := t.TempDir()
+	groupsFile := filepath.Join(dir, "groups.yml")
+	writeFile(t, groupsFile, `groups: {svc: {hosts: [svc.example]}}`)
+	const timeout = 2 * time.Second
+	cfg, err := ParseConfig([]string{
+		"-n", "flipt.dev.local", "-k", "../examples/simple/server.key", "-c", "../examples/simple/server.crt",
+		"-g", groupsFile, "-a", testnet.Addr(t, testnet.Tunnel), "-s", testnet.Addr(t, testnet.TCP),
+		"--https-address", testnet.Addr(t, testnet.TCP), "--shutdown-timeout", timeout.String(),
+		"--management-address", testnet.Addr(t, testnet.TCP),
+	}, map[string]string{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- Run(ctx, cfg, slog.New(slog.NewTextHandler(io.Discard, nil))) }()
+
+	pem, err := os.ReadFile("../examples/simple/server.crt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(pem)
+	release := make(chan struct{})
+	defer close(release)
+	ready := make(chan struct{}, 1)
+	memberCtx, stopMember := context.WithCancel(context.Background())
+	defer stopMember()
+	member := &client.Server{
+		TunnelGroup: "svc",
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.URL.Path == "/slow" {
+				select {
+				case <-release:
+				case <-time.After(30 * time.Second):
+				}
+			}
+			fmt.Fprint(w, "ok")
+		}),
+		TLSConfig: &tls.Config{RootCAs: roots, ServerName: "flipt.dev.local"},
+		Logger:    slog.New(slog.DiscardHandler),
+		OnConnectionReady: func(client.ConnectionInfo) {
+			select {
+			case ready <- struct{}{}:
+			default:
+			}
+		},
+	}
+	go func() { _ = member.DialAndServe(memberCtx, cfg.TunnelAddress) }()
+	select {
+	case <-ready:
+	case <-time.After(5 * time.Second):
+		t.Fatal("member not registered")
+	}
+	newHTTPS := func() *http.Client {
+		return &http.Client{Transport: &http.Transport{DisableKeepAlives: true,
+			TLSClientConfig: &tls.Config{RootCAs: roots, ServerName: "flipt.dev.local"}}}
+	}
+	get := func(c *http.Client, url string) (int, error) {
+		req, _ := http.NewRequest(http.MethodGet, url, nil)
+		req.Host = "svc.example"
+		resp, err := c.Do(req)
+		if err != nil {
+			return 0, err
+		}
+		resp.Body.Close()
+		return resp.StatusCode, nil
+	}
+	if code, err := get(newHTTPS(), "https://"+cfg.HTTPSAddress+"/"); err != nil || code != 200 {
+		t.Fatalf("https before stop: %d %v", code, err)
+	}
+	// A request in flight on each frontend.
+	go get(&http.Client{}, "http://"+cfg.HTTPAddress+"/slow")
+	go get(newHTTPS(), "https://"+cfg.HTTPSAddress+"/slow")
+	time.Sleep(300 * time.Millisecond)
+
+	start := time.Now()
+	cancel() // SIGTERM
+	time.Sleep(300 * time.Millisecond)
+	if code, err := get(newHTTPS(), "https://"+cfg.HTTPSAddress+"/"); err == nil {
+		t.Errorf("a new HTTPS visitor was served (%d) %v after SIGTERM", code, time.Since(start).Round(time.Millisecond))
+	}
+	if code, err := get(&http.Client{}, "http://"+cfg.ManagementAddress+"/readyz"); err != nil || code != http.StatusServiceUnavailable {
+		t.Errorf("/readyz while draining: %d %v, want 503", code, err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Run: %v", err)
+		}
+		if took := time.Since(start); took > timeout+time.Second {
+			t.Errorf("stop took %v with --shutdown-timeout %v", took.Round(time.Millisecond), timeout)
+		}
+	case <-time.After(4*timeout + 5*time.Second):
+		t.Fatal("Run did not return")
+	}
+}
+
+// A SIGTERM while the groups source has not answered yet is a clean stop.
+func TestStopBeforeStart(t *testing.T) {
+	hold := make(chan struct{})
+	defer close(hold)
+	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-hold:
+		case <-r.Context().Done():
+		}
+	}))
+	defer slow.Close()
+	cfg, err := ParseConfig([]string{
+		"-n", "flipt.dev.local", "-k", "../examples/simple/server.key", "-c", "../examples/simple/server.crt",
+		"-g", slow.URL + "/groups.yml", "-a", testnet.Addr(t, testnet.Tunnel), "-s", testnet.Addr(t, testnet.TCP),
+	}, map[string]string{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- Run(ctx, cfg, slog.New(slog.DiscardHandler)) }()
+	time.Sleep(200 * time.Millisecond)
+	cancel()
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Run: %v, want a clean stop", err)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("Run did not return")
+	}
+}
