@@ -67,6 +67,9 @@ func (f *file) Watch(ctx context.Context, apply func(*groups.Config) error) erro
 
 var errDirGone = errors.New("directory removed or moved")
 
+// maxSettle is the longest a burst of events delays a read.
+const maxSettle = time.Second
+
 // watchDir watches the directory until ctx ends or the watch breaks;
 // watching calls ok once the watch is in place.
 func (f *file) watchDir(ctx context.Context, apply func(*groups.Config) error, ok func()) error {
@@ -86,6 +89,22 @@ func (f *file) watchDir(ctx context.Context, apply func(*groups.Config) error, o
 	debounce := time.NewTimer(time.Hour)
 	debounce.Stop()
 	defer debounce.Stop()
+	// Each event pushes the read back, so that a file written in several
+	// steps is read once, whole; but a burst delays it by maxSettle at
+	// most, or a neighbour written without pause (a log, a lock file)
+	// would postpone it forever.
+	var burst time.Time // zero when no read is due
+	settle := func() {
+		now := time.Now()
+		if burst.IsZero() {
+			burst = now
+		}
+		wait := f.opts.Debounce
+		if latest := burst.Add(max(maxSettle, f.opts.Debounce)); now.Add(wait).After(latest) {
+			wait = latest.Sub(now)
+		}
+		debounce.Reset(wait)
+	}
 	for {
 		select {
 		case <-ctx.Done():
@@ -100,18 +119,19 @@ func (f *file) watchDir(ctx context.Context, apply func(*groups.Config) error, o
 			// Any change in the directory may be ours (a symlink chain
 			// can run through other names in it); reading is cheap and
 			// an unchanged file is skipped by its hash.
-			debounce.Reset(f.opts.Debounce)
+			settle()
 		case err, open := <-w.Errors:
 			if !open {
 				return errors.New("watcher closed")
 			}
 			if errors.Is(err, fsnotify.ErrEventOverflow) {
 				// Events were lost: read to be sure.
-				debounce.Reset(f.opts.Debounce)
+				settle()
 				continue
 			}
 			return err
 		case <-debounce.C:
+			burst = time.Time{}
 			f.read(apply)
 		}
 	}

@@ -9,8 +9,10 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/reverst-dev/reverst/groups"
 )
 
 func openFile(t *testing.T, path string) (Source, *prometheus.Registry) {
@@ -227,5 +229,54 @@ func TestFileTooLarge(t *testing.T) {
 	}
 	if _, err := src.Load(context.Background()); !errors.Is(err, errTooLarge) {
 		t.Fatalf("Load: %v, want errTooLarge", err)
+	}
+}
+
+// A file beside ours written more often than the debounce (a log, a lock
+// file) delays a reload by a second at most, not forever.
+func TestFileReloadWithBusyNeighbour(t *testing.T) {
+	dir := t.TempDir()
+	path := filepath.Join(dir, "groups.yml")
+	if err := os.WriteFile(path, []byte(`groups: {a: {hosts: [a.example]}}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	src, err := Open(path, Options{Debounce: 150 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := src.Load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	applied := make(chan *groups.Config, 10)
+	go func() {
+		_ = src.Watch(ctx, func(c *groups.Config) error { applied <- c; return nil })
+	}()
+	go func() { // a file beside it, appended to every 50 ms
+		f, err := os.Create(filepath.Join(dir, "app.log"))
+		if err != nil {
+			return
+		}
+		defer f.Close()
+		for ctx.Err() == nil {
+			_, _ = f.WriteString("line\n")
+			time.Sleep(50 * time.Millisecond)
+		}
+	}()
+	time.Sleep(300 * time.Millisecond)
+	if err := os.WriteFile(path+".tmp", []byte(`groups: {b: {hosts: [b.example]}}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(path+".tmp", path); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case c := <-applied:
+		if _, ok := c.Groups["b"]; !ok {
+			t.Fatalf("applied %v", c.Names())
+		}
+	case <-time.After(3 * time.Second):
+		t.Fatal("the edit was not applied within 3s")
 	}
 }
