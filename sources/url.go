@@ -98,7 +98,15 @@ func (s *remote) poll(ctx context.Context, apply func(*groups.Config) error) err
 		s.r.unchanged()
 		return nil
 	}
-	return s.r.offer(data, apply)
+	if err := s.r.offer(data, apply); err != nil {
+		// Ask for the body again next time: a 304 would stand for a
+		// definition that was not applied, which is to be tried again.
+		s.mu.Lock()
+		s.etag, s.lastModified = "", ""
+		s.mu.Unlock()
+		return err
+	}
+	return nil
 }
 
 // fetch GETs the definition; conditional makes it send the validators of

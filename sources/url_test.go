@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/reverst-dev/reverst/groups"
 )
 
 // definitionServer serves a definition with an ETag and Last-Modified and
@@ -212,5 +213,48 @@ func TestURLRedactsCredentials(t *testing.T) {
 		if strings.Contains(s, "s3cret") {
 			t.Errorf("credential leaked: %q", s)
 		}
+	}
+}
+
+// A definition whose apply was refused is offered again at the next poll,
+// though the server would answer 304 to the validators of its body, and
+// Status reports the failure meanwhile.
+func TestURLRefusedApplyIsRetriedAndReported(t *testing.T) {
+	srv := &definitionServer{}
+	srv.set([]byte(`groups: {a: {hosts: [a.example]}}`))
+	ts := httptest.NewServer(srv)
+	defer ts.Close()
+	src, err := Open(ts.URL, Options{PollInterval: 20 * time.Millisecond, MaxBackoff: 40 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := src.Load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	calls := 0
+	apply := func(cfg *groups.Config) error {
+		mu.Lock()
+		defer mu.Unlock()
+		calls++
+		if calls == 1 {
+			return errors.New("refused once")
+		}
+		return nil
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go func() { _ = src.Watch(ctx, apply) }()
+	srv.set([]byte(`groups: {b: {hosts: [b.example]}}`))
+
+	time.Sleep(time.Second) // ~20 polls
+	mu.Lock()
+	n := calls
+	mu.Unlock()
+	if n < 2 {
+		t.Errorf("the refused definition was offered %d time(s) in 1s; never retried", n)
+	}
+	if err := src.Status(); err != nil {
+		t.Errorf("Status() = %v once the definition was applied", err)
 	}
 }
