@@ -112,29 +112,51 @@ func (c *Config) settings() *flagenv.Set {
 }
 
 func (c *Config) validate() error {
+	name := c.settings().Name
 	var errs []error
 	if _, err := c.level(); err != nil {
 		errs = append(errs, err)
 	}
-	for name, d := range map[string]time.Duration{"max-idle-timeout": c.MaxIdleTimeout, "keep-alive-period": c.KeepAlivePeriod, "shutdown-timeout": c.ShutdownTimeout, "groups-poll-interval": c.GroupsPoll, "queue-timeout": c.QueueTimeout, "external-auth-timeout": c.ExternalAuthTimeout, "external-auth-allow-ttl": c.ExternalAuthAllowTTL, "external-auth-deny-ttl": c.ExternalAuthDenyTTL} {
-		if d <= 0 {
-			errs = append(errs, fmt.Errorf("--%s: must be positive, got %s", name, d))
+	for _, d := range []struct {
+		long string
+		v    time.Duration
+	}{
+		{"max-idle-timeout", c.MaxIdleTimeout},
+		{"keep-alive-period", c.KeepAlivePeriod},
+		{"shutdown-timeout", c.ShutdownTimeout},
+		{"groups-poll-interval", c.GroupsPoll},
+		{"queue-timeout", c.QueueTimeout},
+		{"external-auth-timeout", c.ExternalAuthTimeout},
+		{"external-auth-allow-ttl", c.ExternalAuthAllowTTL},
+		{"external-auth-deny-ttl", c.ExternalAuthDenyTTL},
+	} {
+		if d.v <= 0 {
+			errs = append(errs, fmt.Errorf("%s: must be positive, got %s", name(d.long), d.v))
 		}
 	}
-	if c.MaxRequestsPerMember < 0 || c.RegistrationRate < 0 || c.RegistrationBurst < 0 {
-		errs = append(errs, errors.New("--max-requests-per-member, --registration-rate and --registration-burst must not be negative"))
+	for _, n := range []struct {
+		long string
+		v    float64
+	}{
+		{"max-requests-per-member", float64(c.MaxRequestsPerMember)},
+		{"registration-rate", c.RegistrationRate},
+		{"registration-burst", float64(c.RegistrationBurst)},
+	} {
+		if n.v < 0 {
+			errs = append(errs, fmt.Errorf("%s: must not be negative, got %v", name(n.long), n.v))
+		}
 	}
 	if c.MaxHeaderBytes < 1024 {
-		errs = append(errs, fmt.Errorf("--max-header-bytes: must be at least 1024, got %d", c.MaxHeaderBytes))
+		errs = append(errs, fmt.Errorf("%s: must be at least 1024, got %d", name("max-header-bytes"), c.MaxHeaderBytes))
 	}
 	if (c.HTTPSCertificatePath == "") != (c.HTTPSPrivateKeyPath == "") {
-		errs = append(errs, errors.New("--https-certificate-path and --https-private-key-path go together"))
+		errs = append(errs, fmt.Errorf("%s and %s go together", name("https-certificate-path"), name("https-private-key-path")))
 	}
 	if c.ExternalAuthCache < 1 {
-		errs = append(errs, fmt.Errorf("--external-auth-cache-size: must be at least 1, got %d", c.ExternalAuthCache))
+		errs = append(errs, fmt.Errorf("%s: must be at least 1, got %d", name("external-auth-cache-size"), c.ExternalAuthCache))
 	}
 	if c.KeepAlivePeriod >= c.MaxIdleTimeout && c.MaxIdleTimeout > 0 {
-		errs = append(errs, fmt.Errorf("--keep-alive-period (%s) must be shorter than --max-idle-timeout (%s)", c.KeepAlivePeriod, c.MaxIdleTimeout))
+		errs = append(errs, fmt.Errorf("%s (%s) must be shorter than %s (%s)", name("keep-alive-period"), c.KeepAlivePeriod, name("max-idle-timeout"), c.MaxIdleTimeout))
 	}
 	return errors.Join(errs...)
 }

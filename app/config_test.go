@@ -78,7 +78,10 @@ func TestParseConfigErrors(t *testing.T) {
 	}{
 		{"missing required", nil, nil, []string{"--server-name", "REVERST_SERVER_NAME", "--private-key-path", "REVERST_PRIVATE_KEY_PATH", "--certificate-path", "REVERST_CERTIFICATE_PATH"}},
 		{"bad log level", append([]string{"-l", "loud"}, required...), nil, []string{"--log", "loud"}},
-		{"bad env duration", required, map[string]string{"REVERST_MAX_IDLE_TIMEOUT": "soon"}, []string{"MAX_IDLE_TIMEOUT"}},
+		{"bad env duration", required, map[string]string{"REVERST_MAX_IDLE_TIMEOUT": "soon"}, []string{`--max-idle-timeout (REVERST_MAX_IDLE_TIMEOUT): invalid value "soon"`}},
+		{"bad flag duration", append([]string{"--queue-timeout", "soon"}, required...), nil, []string{`--queue-timeout (REVERST_QUEUE_TIMEOUT): invalid value "soon"`}},
+		{"duration not positive", required, map[string]string{"REVERST_SHUTDOWN_TIMEOUT": "0s"}, []string{"--shutdown-timeout (REVERST_SHUTDOWN_TIMEOUT): must be positive"}},
+		{"negative burst", required, map[string]string{"REVERST_REGISTRATION_BURST": "-1"}, []string{"--registration-burst (REVERST_REGISTRATION_BURST): must not be negative, got -1"}},
 		{"keep-alive not shorter than idle", append([]string{"--keep-alive-period", "2m"}, required...), nil, []string{"--keep-alive-period"}},
 		{"unknown flag", []string{"--nope"}, nil, []string{"nope"}},
 		{"stray argument", append([]string{"serve"}, required...), nil, []string{"serve"}},
@@ -97,6 +100,9 @@ func TestParseConfigErrors(t *testing.T) {
 				if !strings.Contains(err.Error(), w) {
 					t.Errorf("error %q does not mention %q", err, w)
 				}
+			}
+			if tt.name == "negative burst" && strings.Contains(err.Error(), "max-requests-per-member") {
+				t.Errorf("error %q blames a setting that is fine", err)
 			}
 		})
 	}

@@ -85,13 +85,14 @@ func parseConfig(args []string, environ map[string]string, out io.Writer) (*conf
 	if err != nil {
 		return nil, err
 	}
-	if err := c.validate(positional); err != nil {
+	if err := c.validate(positional, set.Name); err != nil {
 		return nil, fmt.Errorf("%w: %w (see reverst-tunnel -h)", errUsage, err)
 	}
 	return &c, nil
 }
 
-func (c *config) validate(args []string) error {
+// validate checks the settings; name names a setting in messages.
+func (c *config) validate(args []string, name func(long string) string) error {
 	var errs []error
 	switch {
 	case len(args) != 2 || args[0] != "http":
@@ -104,26 +105,26 @@ func (c *config) validate(args []string) error {
 		c.target = target
 	}
 	if c.Group == "" {
-		errs = append(errs, fmt.Errorf("missing the tunnel group (-g/--group or %sTUNNEL_GROUP)", envPrefix))
+		errs = append(errs, fmt.Errorf("missing the tunnel group: -g/%s", name("group")))
 	}
 	if _, _, err := net.SplitHostPort(c.TunnelAddress); err != nil {
-		errs = append(errs, fmt.Errorf("--tunnel-address %q: %w", c.TunnelAddress, err))
+		errs = append(errs, fmt.Errorf("%s %q: %w", name("tunnel-address"), c.TunnelAddress, err))
 	}
 	if c.CAFile != "" && c.Insecure {
-		errs = append(errs, errors.New("--ca and --insecure exclude each other"))
+		errs = append(errs, fmt.Errorf("%s and %s exclude each other", name("ca"), name("insecure")))
 	}
 	basic := c.Username != "" || c.Password != ""
 	if basic && (c.Username == "" || c.Password == "") {
-		errs = append(errs, errors.New("basic authentication needs both --username and --password"))
+		errs = append(errs, fmt.Errorf("basic authentication needs both %s and %s", name("username"), name("password")))
 	}
 	if basic && c.Token != "" {
-		errs = append(errs, errors.New("give --username/--password or --token, not both"))
+		errs = append(errs, fmt.Errorf("give %s and %s, or %s, not both", name("username"), name("password"), name("token")))
 	}
 	if c.HostHeader == "" {
-		errs = append(errs, errors.New("--host-header: empty (use preserve, rewrite or a host)"))
+		errs = append(errs, fmt.Errorf("%s: empty (use preserve, rewrite or a host)", name("host-header")))
 	}
 	if c.ShutdownTimeout <= 0 {
-		errs = append(errs, fmt.Errorf("--shutdown-timeout: must be positive, got %s", c.ShutdownTimeout))
+		errs = append(errs, fmt.Errorf("%s: must be positive, got %s", name("shutdown-timeout"), c.ShutdownTimeout))
 	}
 	if _, err := c.level(); err != nil {
 		errs = append(errs, err)

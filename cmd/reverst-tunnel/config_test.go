@@ -58,7 +58,7 @@ func TestParseConfig(t *testing.T) {
 		{name: "no host", args: []string{"-g", "g", "http", "http://:80"}, wantErr: "no host"},
 		{name: "address without port", args: []string{"-g", "g", "-a", "tunnel.example", "http", "80"}, wantErr: "--tunnel-address"},
 		{name: "ca and insecure", args: []string{"-g", "g", "--ca", "x.pem", "--insecure", "http", "80"}, wantErr: "exclude each other"},
-		{name: "user without password", args: []string{"-g", "g", "-u", "user", "http", "80"}, wantErr: "both --username and --password"},
+		{name: "user without password", args: []string{"-g", "g", "-u", "user", "http", "80"}, wantErr: "both --username (REVERST_USERNAME) and --password (REVERST_PASSWORD)"},
 		{name: "basic and token", args: []string{"-g", "g", "-u", "u", "-p", "p", "-t", "t", "http", "80"}, wantErr: "not both"},
 		{name: "bad log level", args: []string{"-g", "g", "--log", "loud", "http", "80"}, wantErr: "REVERST_LOG"},
 		{name: "bad env value", args: []string{"-g", "g", "http", "80"}, env: map[string]string{"REVERST_SHUTDOWN_TIMEOUT": "soon"}, wantErr: "REVERST_SHUTDOWN_TIMEOUT"},

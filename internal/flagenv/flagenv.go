@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"os"
 	"reflect"
 	"strings"
 	"text/tabwriter"
@@ -137,21 +138,30 @@ func (s *Set) Parse(args []string, environ map[string]string) ([]string, error) 
 		opts.Environment = environ
 	}
 	if err := env.ParseWithOptions(s.Settings, opts); err != nil {
-		return nil, fmt.Errorf("%w: %w", ErrUsage, s.envError(err))
+		return nil, fmt.Errorf("%w: %w", ErrUsage, s.envError(err, environ))
 	}
 	fs := flag.NewFlagSet(s.Command, flag.ContinueOnError)
 	fs.SetOutput(io.Discard)
+	var bad error // the value a flag refused, in our words
 	for _, st := range settings {
+		names := []string{st.Long}
 		if st.Short != "" {
-			st.bind(fs, st.Short)
+			names = append(names, st.Short)
 		}
-		st.bind(fs, st.Long)
+		for _, name := range names {
+			st.bind(fs, name)
+			f := fs.Lookup(name)
+			f.Value = &checked{Value: f.Value, refused: func(v string) { bad = s.invalid(st, v) }}
+		}
 	}
 	var positional []string
 	for rest := args; ; {
 		if err := fs.Parse(rest); err != nil {
 			if errors.Is(err, flag.ErrHelp) {
 				return nil, err
+			}
+			if bad != nil {
+				err = bad
 			}
 			return nil, fmt.Errorf("%w: %w (see %s -h)", ErrUsage, err, s.Command)
 		}
@@ -177,26 +187,88 @@ func (s *Set) Parse(args []string, environ map[string]string) ([]string, error) 
 	return positional, nil
 }
 
-// envError names the environment variable behind each parse error; the
-// library only knows the Go field.
-func (s *Set) envError(err error) error {
+// envError restates the library's parse errors in the words of invalid;
+// the library only knows the Go field.
+func (s *Set) envError(err error, environ map[string]string) error {
 	var agg env.AggregateError
 	if !errors.As(err, &agg) {
 		return err
 	}
-	t := reflect.TypeOf(s.Settings).Elem()
 	var errs []error
 	for _, e := range agg.Errors {
 		var pe env.ParseError
 		if errors.As(e, &pe) {
-			if f, ok := t.FieldByName(pe.Name); ok {
-				errs = append(errs, fmt.Errorf("%s%s: %w", s.Prefix, f.Tag.Get("env"), pe.Err))
+			if st, ok := s.lookup(func(st setting) bool { return st.Field == pe.Name }); ok {
+				v, _ := lookupEnv(environ, s.Prefix+st.env)
+				errs = append(errs, s.invalid(st, v))
 				continue
 			}
 		}
 		errs = append(errs, e)
 	}
 	return errors.Join(errs...)
+}
+
+func lookupEnv(environ map[string]string, name string) (string, bool) {
+	if environ != nil {
+		v, ok := environ[name]
+		return v, ok
+	}
+	return os.LookupEnv(name)
+}
+
+// invalid is the error for a value of st that does not parse.
+func (s *Set) invalid(st setting, value string) error {
+	want := map[string]string{
+		"INT":      "an integer",
+		"FLOAT":    "a number",
+		"DURATION": "a duration such as 30s or 1m30s",
+		"":         "true or false",
+	}[kind(st.ptr, st.Long)]
+	return fmt.Errorf("%s: invalid value %q, want %s", s.name(st), value, want)
+}
+
+// Name returns how a message names the setting of the long flag: the flag
+// and the variable, "--long-name (PREFIX_LONG_NAME)".
+func (s *Set) Name(long string) string {
+	st, ok := s.lookup(func(st setting) bool { return st.Long == long })
+	if !ok {
+		panic(fmt.Sprintf("flagenv: %s has no option --%s", s.Command, long))
+	}
+	return s.name(st)
+}
+
+func (s *Set) name(st setting) string {
+	return fmt.Sprintf("--%s (%s%s)", st.Long, s.Prefix, st.env)
+}
+
+func (s *Set) lookup(match func(setting) bool) (setting, bool) {
+	for _, st := range s.settings() {
+		if match(st) {
+			return st, true
+		}
+	}
+	return setting{}, false
+}
+
+// checked is a flag's value that reports the value it refused.
+type checked struct {
+	flag.Value
+	refused func(string)
+}
+
+func (c *checked) Set(v string) error {
+	err := c.Value.Set(v)
+	if err != nil {
+		c.refused(v)
+	}
+	return err
+}
+
+// IsBoolFlag keeps a switch a switch: "-w" alone sets it.
+func (c *checked) IsBoolFlag() bool {
+	b, ok := c.Value.(interface{ IsBoolFlag() bool })
+	return ok && b.IsBoolFlag()
 }
 
 // PrintFlags writes one line per option, aligned.

@@ -37,7 +37,10 @@ func TestParse(t *testing.T) {
 		{"flag wins", []string{"-n", "f", "--wait", "3s"}, map[string]string{"T_NAME": "e"}, settings{"f", 3 * time.Second, false}, nil, ""},
 		{"positional among flags", []string{"http", "-n", "f", "8080", "-q"}, nil, settings{"f", time.Second, true}, []string{"http", "8080"}, ""},
 		{"missing required", nil, nil, settings{}, nil, "missing required setting name (flag -n/--name or env T_NAME)"},
-		{"bad env names the variable", nil, map[string]string{"T_NAME": "x", "T_WAIT": "soon"}, settings{}, nil, "T_WAIT"},
+		{"bad env names flag and variable", nil, map[string]string{"T_NAME": "x", "T_WAIT": "soon"}, settings{}, nil, `--wait (T_WAIT): invalid value "soon", want a duration`},
+		{"bad flag names flag and variable", []string{"-n", "x", "--wait", "soon"}, nil, settings{}, nil, `--wait (T_WAIT): invalid value "soon", want a duration`},
+		{"bad switch", []string{"-n", "x", "-q=maybe"}, nil, settings{}, nil, `--quiet (T_QUIET): invalid value "maybe", want true or false`},
+		{"bad env switch", []string{"-n", "x"}, map[string]string{"T_QUIET": "maybe"}, settings{}, nil, `--quiet (T_QUIET): invalid value "maybe"`},
 		{"unknown flag", []string{"--nope"}, nil, settings{}, nil, "see cmd -h"},
 	}
 	for _, tt := range tests {
