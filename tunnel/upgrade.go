@@ -1,6 +1,7 @@
 package tunnel
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -25,8 +26,8 @@ func isUpgrade(r *http.Request) bool {
 
 // serveUpgrade relays an HTTP/1.1 upgrade to a member over an extended
 // CONNECT stream (see the protocol package): the member's answer, 101 or
-// not, goes back to the visitor byte for byte, and so does everything
-// after it, in both directions, until either side closes.
+// not, goes back to the visitor byte for byte; after a 101, so does
+// everything after it, in both directions, until either side closes.
 func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request, g *group) int {
 	m, err := s.acquire(r.Context(), g, nil)
 	if err != nil {
@@ -59,6 +60,28 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request, g *group) 
 	if err := out.Write(str); err != nil {
 		return http.StatusBadGateway
 	}
+	// The member's answer reaches the visitor as it is read. Only a 101
+	// makes the connection a tunnel to the member: after any other answer
+	// it ends, or the visitor's next request would go to this member
+	// whatever its Host.
+	limit := &headerLimit{r: io.TeeReader(str, visitor), n: int64(s.maxResponseHeaderBytes())}
+	head := bufio.NewReader(limit)
+	for n := 0; ; n++ {
+		res, err := http.ReadResponse(head, out)
+		if err != nil {
+			return http.StatusBadGateway
+		}
+		if res.StatusCode == http.StatusSwitchingProtocols {
+			break
+		}
+		if res.StatusCode >= 200 || n == max1xx {
+			limit.arm(-1)
+			_, _ = io.Copy(io.Discard, res.Body)
+			str.CancelRead(quic.StreamErrorCode(http3.ErrCodeNoError))
+			return res.StatusCode
+		}
+	}
+	// Bytes the member sent after its 101 are the visitor's already.
 
 	var wg sync.WaitGroup
 	wg.Go(func() {

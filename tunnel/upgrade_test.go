@@ -1,9 +1,12 @@
 package tunnel_test
 
 import (
+	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"log/slog"
+	"net"
 	"net/http"
 	"strings"
 	"testing"
@@ -120,5 +123,35 @@ func TestUpgradeToOlderClient(t *testing.T) {
 	}
 	if code, _ := e.get(t, "127.0.0.1", "/"); code != 200 {
 		t.Fatalf("after the refused upgrade: %d", code)
+	}
+}
+
+// A member that refuses an upgrade does not get the visitor's connection:
+// the next request on it, for another host, must not reach that member.
+func TestRefusedUpgradeEndsConnection(t *testing.T) {
+	e := startServer(t, tunnel.Group{Name: "a", Hosts: []string{"a.example"}}, tunnel.Group{Name: "b", Hosts: []string{"b.example"}})
+	e.serve(t, "a", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "no websocket here", http.StatusBadRequest)
+	}))
+	e.serve(t, "b", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "member of b") }))
+	c, err := net.Dial("tcp", strings.TrimPrefix(e.frontend, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	br := bufio.NewReader(c)
+	io.WriteString(c, "GET /ws HTTP/1.1\r\nHost: a.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+	resp, err := http.ReadResponse(br, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.Copy(io.Discard, resp.Body)
+	io.WriteString(c, "GET / HTTP/1.1\r\nHost: b.example\r\n\r\n")
+	if resp, err = http.ReadResponse(br, nil); err != nil {
+		return // the connection was closed: fine
+	}
+	if body, _ := io.ReadAll(resp.Body); string(body) != "member of b" {
+		t.Fatalf("request for b.example answered %d %q", resp.StatusCode, body)
 	}
 }
