@@ -521,6 +521,52 @@ func TestMemberRequestLimitLargeGroup(t *testing.T) {
 	}
 }
 
+// A request queued behind full members takes a member that joins while it
+// waits (scaling out under load).
+func TestQueuedRequestTakesNewMember(t *testing.T) {
+	e := startServerWith(t, func(s *tunnel.Server) {
+		s.MaxRequestsPerMember = 1
+		s.QueueTimeout = 3 * time.Second
+	}, svc)
+	release, held := make(chan struct{}), make(chan struct{}, 1)
+	defer close(release)
+	e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { held <- struct{}{}; <-release }))
+	go func() {
+		req, _ := http.NewRequest(http.MethodGet, e.frontend+"/hold", nil)
+		req.Host = "svc.example"
+		if resp, err := http.DefaultClient.Do(req); err == nil {
+			resp.Body.Close()
+		}
+	}()
+	<-held // the only member is full
+	type result struct {
+		code int
+		body string
+		took time.Duration
+	}
+	queued := make(chan result, 1)
+	go func() {
+		start := time.Now()
+		req, _ := http.NewRequest(http.MethodGet, e.frontend+"/queued", nil)
+		req.Host = "svc.example"
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			queued <- result{0, err.Error(), time.Since(start)}
+			return
+		}
+		defer resp.Body.Close()
+		body, _ := io.ReadAll(resp.Body)
+		queued <- result{resp.StatusCode, string(body), time.Since(start)}
+	}()
+	time.Sleep(200 * time.Millisecond) // it is in the queue
+	e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "new member") }))
+	if r := <-queued; r.code != http.StatusOK || r.took > 1500*time.Millisecond {
+		t.Fatalf("queued request: %d %q after %v; want 200 from the new member", r.code, r.body, r.took)
+	}
+}
+
+// 3. A slow client Authenticator (token fetch) is retried, not "bad request" for good.
+
 func TestRegistrationRateLimit(t *testing.T) {
 	e := startServerWith(t, func(s *tunnel.Server) {
 		s.RegistrationRate = 0.5

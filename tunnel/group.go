@@ -113,6 +113,8 @@ func (g *group) add(m *member) bool {
 	}
 	ms := append(slices.Clone(*g.members.Load()), m)
 	g.members.Store(&ms)
+	// Requests queued behind full members may take this one.
+	g.wake()
 	return true
 }
 
