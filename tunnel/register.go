@@ -139,7 +139,7 @@ func (s *Server) watch(conn *quic.Conn, period time.Duration) {
 				last, lastAt = n, now
 				continue
 			}
-			if now.Sub(lastAt) >= keepAliveMisses*period {
+			if now.Sub(lastAt) >= keepAliveMisses*keepAliveGap(conn, period) {
 				_ = conn.CloseWithError(protocol.CodeServerError, "keep-alive timeout")
 				<-conn.Context().Done()
 				return
@@ -148,9 +148,21 @@ func (s *Server) watch(conn *quic.Conn, period time.Duration) {
 	}
 }
 
-// keepAliveMisses is how many keep-alive periods of silence declare a
-// member dead: enough to ride out a lost packet and a scheduling hiccup.
+// keepAliveMisses is how many keep-alive gaps of silence declare a member
+// dead: enough to ride out a lost packet and a scheduling hiccup.
 const keepAliveMisses = 4
+
+// keepAliveGap is the longest a live member may stay silent between two
+// keep-alives. quic-go sends one max(period, 1.5 PTO) after the last
+// packet it received, the acknowledgement of the previous one, which comes
+// a round trip later: on a slow path (satellite, a weak mobile link) the
+// gap is well over the period. On loopback or a LAN it is the period.
+func keepAliveGap(conn *quic.Conn, period time.Duration) time.Duration {
+	st := conn.ConnectionStats()
+	// The PTO as RFC 9002 computes it, with quic-go's max ack delay.
+	pto := st.SmoothedRTT + max(4*st.MeanDeviation, time.Millisecond) + 25*time.Millisecond
+	return max(period, pto*3/2) + st.SmoothedRTT
+}
 
 // control reads the member's control messages until its stream or
 // connection ends. A client that never sends any is an older client.

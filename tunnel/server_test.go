@@ -10,12 +10,14 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
 
+	"github.com/reverst-dev/reverst/client"
 	"github.com/reverst-dev/reverst/internal/testpki"
 	"github.com/reverst-dev/reverst/protocol"
 	"github.com/reverst-dev/reverst/tunnel"
@@ -306,6 +308,69 @@ func TestDeadMemberDroppedAfterAnnouncedKeepAlive(t *testing.T) {
 		t.Fatalf("dead member dropped after %s, want about 4 keep-alive periods", d)
 	}
 }
+
+// A live member on a slow path (400 ms round trip, a satellite link) stays:
+// its keep-alives come a round trip and more apart than its period.
+func TestSlowPathMemberKept(t *testing.T) {
+	e := startServer(t, tunnel.Group{Name: "g", Hosts: []string{"g.example"}})
+	front, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	up, err := net.ResolveUDPAddr("udp", e.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	back, err := net.DialUDP("udp", nil, up)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { front.Close(); back.Close() })
+	const oneWay = 200 * time.Millisecond
+	var mu sync.Mutex
+	var peer *net.UDPAddr
+	go func() { // client -> server, delayed
+		buf := make([]byte, 65535)
+		for {
+			n, from, err := front.ReadFromUDP(buf)
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			peer = from
+			mu.Unlock()
+			p := append([]byte(nil), buf[:n]...)
+			time.AfterFunc(oneWay, func() { back.Write(p) })
+		}
+	}()
+	go func() { // server -> client, delayed
+		buf := make([]byte, 65535)
+		for {
+			n, err := back.Read(buf)
+			if err != nil {
+				return
+			}
+			p := append([]byte(nil), buf[:n]...)
+			mu.Lock()
+			to := peer
+			mu.Unlock()
+			time.AfterFunc(oneWay, func() { front.WriteToUDP(p, to) })
+		}
+	}()
+	srv := &client.Server{TunnelGroup: "g", Handler: http.NotFoundHandler(), TLSConfig: e.clientTLS(), QUICOnly: true}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- srv.DialAndServe(ctx, front.LocalAddr().String()) }()
+	t.Cleanup(func() { cancel(); <-done })
+	e.waitMembers(t, "g", func(n int) bool { return n == 1 })
+	for end := time.Now().Add(4 * time.Second); time.Now().Before(end); time.Sleep(20 * time.Millisecond) {
+		if n := e.srv.Members()["g"]; n != 1 {
+			t.Fatalf("live member dropped on a 400ms RTT path (members %d)", n)
+		}
+	}
+}
+
+// 2. A request queued behind full members takes a member that joins.
 
 func TestSilentOlderMemberKept(t *testing.T) {
 	e := startServer(t, tunnel.Group{Name: "g", Hosts: []string{"g.example"}})
