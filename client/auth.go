@@ -12,9 +12,11 @@ import (
 const authorizationKey = "Authorization"
 
 // An Authenticator adds credentials to a register request before it is
-// sent. Authenticate is called once per connection attempt, so it may
-// return fresh credentials each time (a rotated token, a new JWT). The
-// request's Metadata map is non-nil when Authenticate is called.
+// sent. Authenticate is called once per connection attempt, before the
+// connection is dialled, so it may return fresh credentials each time (a
+// rotated token, a new JWT) and take its time getting them: the server's
+// registration timeout starts later. The request's Metadata map is non-nil
+// when Authenticate is called.
 //
 // An error from Authenticate aborts that attempt; DialAndServe retries it
 // with backoff unless the error matches [ErrUnauthorized] or

@@ -390,11 +390,18 @@ func (s *Server) dial(ctx context.Context, addr string, tlsConf *tls.Config, qui
 }
 
 func (s *Server) connect(ctx context.Context, addr string, tlsConf *tls.Config, quicConf *quic.Config) (*tunnelConn, error) {
+	// The credentials come first: the server gives a connection a few
+	// seconds from its handshake to register, and a slow token fetch must
+	// not spend them.
+	req, err := s.newRequest(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("registering: %w", err)
+	}
 	conn, err := s.dial(ctx, addr, tlsConf, quicConf)
 	if err != nil {
 		return nil, fmt.Errorf("dialing: %w", err)
 	}
-	control, resp, err := s.register(ctx, conn)
+	control, resp, err := s.register(ctx, conn, req)
 	if err != nil {
 		_ = conn.CloseWithError(protocol.CodeOK, reasonClosed)
 		return nil, fmt.Errorf("registering: %w", err)
@@ -407,16 +414,11 @@ func (s *Server) connect(ctx context.Context, addr string, tlsConf *tls.Config, 
 	return tc, nil
 }
 
-// register runs the register exchange on the first stream of conn, and
-// returns that stream for control messages.
-func (s *Server) register(ctx context.Context, conn *quic.Conn) (*quic.Stream, *protocol.RegisterResponse, error) {
+// newRequest builds the register request, the Authenticator's
+// credentials included.
+func (s *Server) newRequest(ctx context.Context) (*protocol.RegisterRequest, error) {
 	ctx, cancel := context.WithTimeout(ctx, s.registerTimeout())
 	defer cancel()
-	// Closing the connection is the one way to interrupt every blocking
-	// step below at once, including the response read.
-	stop := context.AfterFunc(ctx, func() { _ = conn.CloseWithError(protocol.CodeOK, reasonClosed) })
-	defer stop()
-
 	req := &protocol.RegisterRequest{
 		Version:     protocol.Version,
 		TunnelGroup: s.TunnelGroup,
@@ -436,9 +438,21 @@ func (s *Server) register(ctx context.Context, conn *quic.Conn) (*quic.Stream, *
 	}
 	if s.Authenticator != nil {
 		if err := s.Authenticator.Authenticate(ctx, req); err != nil {
-			return nil, nil, fmt.Errorf("authenticator: %w", err)
+			return nil, fmt.Errorf("authenticator: %w", err)
 		}
 	}
+	return req, nil
+}
+
+// register runs the register exchange on the first stream of conn, and
+// returns that stream for control messages.
+func (s *Server) register(ctx context.Context, conn *quic.Conn, req *protocol.RegisterRequest) (*quic.Stream, *protocol.RegisterResponse, error) {
+	ctx, cancel := context.WithTimeout(ctx, s.registerTimeout())
+	defer cancel()
+	// Closing the connection is the one way to interrupt every blocking
+	// step below at once, including the response read.
+	stop := context.AfterFunc(ctx, func() { _ = conn.CloseWithError(protocol.CodeOK, reasonClosed) })
+	defer stop()
 
 	stream, err := conn.OpenStreamSync(ctx)
 	if err != nil {

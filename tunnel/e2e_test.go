@@ -224,6 +224,47 @@ func TestRegistrationErrors(t *testing.T) {
 	}
 }
 
+// An authenticator slower than the server's registration timeout costs
+// one attempt at most, not the tunnel: it runs before the dial.
+func TestSlowAuthenticator(t *testing.T) {
+	e := startServer(t, tunnel.Group{Name: "g", Hosts: []string{"g.example"}}) // RegisterTimeout 500ms
+	var slowed atomic.Bool
+	registered := make(chan struct{}, 1)
+	srv := &client.Server{
+		TunnelGroup: "g", Handler: http.NotFoundHandler(), TLSConfig: e.clientTLS(), QUICOnly: true,
+		Authenticator: client.AuthenticatorFunc(func(ctx context.Context, req *protocol.RegisterRequest) error {
+			if !slowed.Swap(true) {
+				time.Sleep(time.Second) // the identity provider is slow, once
+			}
+			req.Metadata["Authorization"] = "Bearer fresh"
+			return nil
+		}),
+		OnConnectionReady: func(client.ConnectionInfo) {
+			select {
+			case registered <- struct{}{}:
+			default:
+			}
+		},
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- srv.DialAndServe(ctx, e.addr) }()
+	select {
+	case <-registered:
+		cancel()
+		<-done
+	case err := <-done:
+		if errors.Is(err, client.ErrBadRequest) {
+			t.Fatalf("DialAndServe gave up for good: %v", err)
+		}
+		t.Fatal(err)
+	}
+}
+
+// 4. After a refused upgrade, the next request on the visitor's connection
+// must not reach the member of another group.
+
 func TestReloadKeepsMembersAndMovesHosts(t *testing.T) {
 	e := startServer(t,
 		tunnel.Group{Name: "keep", Hosts: []string{"keep.example"}},
