@@ -25,7 +25,10 @@ func testHandler() http.Handler {
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		fmt.Fprintf(w, "Hello %s %s", r.Host, r.URL.Path)
 	})
-	mux.HandleFunc("/panic", func(http.ResponseWriter, *http.Request) {
+	mux.HandleFunc("/panic", func(w http.ResponseWriter, _ *http.Request) {
+		// Headers for an answer that never comes.
+		w.Header().Set("Content-Encoding", "gzip")
+		w.Header().Set("Set-Cookie", "session=half-made")
 		panic("boom")
 	})
 	mux.HandleFunc("/panic-late", func(w http.ResponseWriter, _ *http.Request) {
@@ -422,6 +425,18 @@ func TestHandlerPanicKeepsTunnel(t *testing.T) {
 		if code != http.StatusInternalServerError {
 			t.Fatalf("GET /panic = %d %q, want 500", code, body)
 		}
+	}
+	req, err := http.NewRequest(http.MethodGet, "https://"+testHost+"/panic", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp, err := m.cc.RoundTrip(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if h := resp.Header; h.Get("Content-Encoding") != "" || h.Get("Set-Cookie") != "" {
+		t.Errorf("the 500 carries the handler's headers: %v", h)
 	}
 	// Once the response has started a 500 is impossible: the stream must
 	// be reset rather than look complete.

@@ -80,6 +80,9 @@ func (tc *tunnelConn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 			// does not take a truncated response for a complete one.
 			panic(http.ErrAbortHandler)
 		}
+		// None of what the handler set describes this answer (a
+		// Content-Encoding, a Content-Length).
+		clear(w.Header())
 		http.Error(w, "internal server error", http.StatusInternalServerError)
 	}()
 	if upgrade {

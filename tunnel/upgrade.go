@@ -31,8 +31,7 @@ func isUpgrade(r *http.Request) bool {
 func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request, g *group) int {
 	m, err := s.acquire(r.Context(), g, nil)
 	if err != nil {
-		textError(w, bodyNoMember, http.StatusServiceUnavailable)
-		return http.StatusServiceUnavailable
+		return s.proxyError(w, r, g, err)
 	}
 	defer g.release(m)
 

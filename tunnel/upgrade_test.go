@@ -155,3 +155,35 @@ func TestRefusedUpgradeEndsConnection(t *testing.T) {
 		t.Fatalf("request for b.example answered %d %q", resp.StatusCode, body)
 	}
 }
+
+// An upgrade to a group whose members are all busy gets the busy answer,
+// with its Retry-After, like any request.
+func TestUpgradeToBusyGroup(t *testing.T) {
+	e := startServerWith(t, func(s *tunnel.Server) { s.MaxRequestsPerMember = 1; s.QueueTimeout = 200 * time.Millisecond }, svc)
+	release, held := make(chan struct{}), make(chan struct{}, 1)
+	defer close(release)
+	e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { held <- struct{}{}; <-release }))
+	go func() {
+		req, _ := http.NewRequest(http.MethodGet, e.frontend+"/hold", nil)
+		req.Host = "svc.example"
+		if resp, err := http.DefaultClient.Do(req); err == nil {
+			resp.Body.Close()
+		}
+	}()
+	<-held
+	req, err := http.NewRequest(http.MethodGet, e.frontend+"/ws", nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Host = "svc.example"
+	req.Header.Set("Connection", "Upgrade")
+	req.Header.Set("Upgrade", "websocket")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" {
+		t.Fatalf("upgrade to a busy group: %d, Retry-After %q; want 503 with Retry-After", resp.StatusCode, resp.Header.Get("Retry-After"))
+	}
+}
