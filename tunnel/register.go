@@ -120,8 +120,8 @@ func keepAlive(v string) time.Duration {
 
 // watch returns when conn ends. A member that announced its keep-alive
 // period is closed once nothing arrived from it for keepAliveMisses
-// periods: its process died or its network is gone, and its requests fail
-// over now rather than after the transport's idle timeout.
+// keep-alive gaps: its process died or its network is gone, and its
+// requests fail over now rather than after the transport's idle timeout.
 func (s *Server) watch(conn *quic.Conn, period time.Duration) {
 	if period == 0 {
 		<-conn.Context().Done()
