@@ -49,6 +49,40 @@ func httpGet(t *testing.T, c *http.Client, url, host string) (int, string) {
 // certificate: a client registers and is reached over HTTP and HTTPS, the
 // management API answers, a groups file change is applied live, and a
 // cancelled context stops everything cleanly.
+// exampleRoots trusts the example server certificate.
+func exampleRoots(t *testing.T) *x509.CertPool {
+	t.Helper()
+	pem, err := os.ReadFile("../examples/simple/server.crt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	roots := x509.NewCertPool()
+	roots.AppendCertsFromPEM(pem)
+	return roots
+}
+
+// join registers member in group svc of the server cfg describes, until
+// ctx ends, and waits until it is connected.
+func join(t *testing.T, ctx context.Context, cfg *Config, member *client.Server) {
+	t.Helper()
+	ready := make(chan struct{}, 1)
+	member.TunnelGroup = "svc"
+	member.TLSConfig = &tls.Config{RootCAs: exampleRoots(t), ServerName: "flipt.dev.local"}
+	member.Logger = slog.New(slog.DiscardHandler)
+	member.OnConnectionReady = func(client.ConnectionInfo) {
+		select {
+		case ready <- struct{}{}:
+		default:
+		}
+	}
+	go func() { _ = member.DialAndServe(ctx, cfg.TunnelAddress) }()
+	select {
+	case <-ready:
+	case <-time.After(5 * time.Second):
+		t.Fatal("member not registered")
+	}
+}
+
 func TestRun(t *testing.T) {
 	dir := t.TempDir()
 	groupsFile := filepath.Join(dir, "groups.yml")
@@ -97,32 +131,11 @@ func TestRun(t *testing.T) {
 		time.Sleep(20 * time.Millisecond)
 	}
 
-	pem, err := os.ReadFile("../examples/simple/server.crt")
-	if err != nil {
-		t.Fatal(err)
-	}
-	roots := x509.NewCertPool()
-	roots.AppendCertsFromPEM(pem)
-	ready := make(chan struct{}, 1)
-	member := &client.Server{
-		TunnelGroup:   "svc",
+	roots := exampleRoots(t)
+	join(t, ctx, cfg, &client.Server{
 		Handler:       http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprintf(w, "hi %s via %s", r.URL.Path, r.Proto) }),
-		TLSConfig:     &tls.Config{RootCAs: roots, ServerName: "flipt.dev.local"},
 		Authenticator: client.BearerAuthenticator("secret"),
-		Logger:        slog.New(slog.DiscardHandler),
-		OnConnectionReady: func(client.ConnectionInfo) {
-			select {
-			case ready <- struct{}{}:
-			default:
-			}
-		},
-	}
-	go func() { _ = member.DialAndServe(ctx, cfg.TunnelAddress) }()
-	select {
-	case <-ready:
-	case <-time.After(5 * time.Second):
-		t.Fatal("client not registered")
-	}
+	})
 
 	if code, body := httpGet(t, http.DefaultClient, "http://"+cfg.HTTPAddress+"/x", "svc.example"); code != 200 || !strings.HasPrefix(body, "hi /x") {
 		t.Fatalf("http frontend: %d %q", code, body)

@@ -3,13 +3,11 @@ package app
 import (
 	"context"
 	"crypto/tls"
-	"crypto/x509"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
-	"os"
 	"path/filepath"
 	"testing"
 	"time"
@@ -41,19 +39,12 @@ func TestShutdownStopsEveryFrontendAtOnce(t *testing.T) {
 	done := make(chan error, 1)
 	go func() { done <- Run(ctx, cfg, slog.New(slog.NewTextHandler(io.Discard, nil))) }()
 
-	pem, err := os.ReadFile("../examples/simple/server.crt")
-	if err != nil {
-		t.Fatal(err)
-	}
-	roots := x509.NewCertPool()
-	roots.AppendCertsFromPEM(pem)
+	roots := exampleRoots(t)
 	release := make(chan struct{})
 	defer close(release)
-	ready := make(chan struct{}, 1)
 	memberCtx, stopMember := context.WithCancel(context.Background())
 	defer stopMember()
-	member := &client.Server{
-		TunnelGroup: "svc",
+	join(t, memberCtx, cfg, &client.Server{
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if r.URL.Path == "/slow" {
 				select {
@@ -63,21 +54,7 @@ func TestShutdownStopsEveryFrontendAtOnce(t *testing.T) {
 			}
 			fmt.Fprint(w, "ok")
 		}),
-		TLSConfig: &tls.Config{RootCAs: roots, ServerName: "flipt.dev.local"},
-		Logger:    slog.New(slog.DiscardHandler),
-		OnConnectionReady: func(client.ConnectionInfo) {
-			select {
-			case ready <- struct{}{}:
-			default:
-			}
-		},
-	}
-	go func() { _ = member.DialAndServe(memberCtx, cfg.TunnelAddress) }()
-	select {
-	case <-ready:
-	case <-time.After(5 * time.Second):
-		t.Fatal("member not registered")
-	}
+	})
 	newHTTPS := func() *http.Client {
 		return &http.Client{Transport: &http.Transport{DisableKeepAlives: true,
 			TLSClientConfig: &tls.Config{RootCAs: roots, ServerName: "flipt.dev.local"}}}

@@ -562,15 +562,11 @@ func TestMemberRequestLimitLargeGroup(t *testing.T) {
 	}
 }
 
-// A request queued behind full members takes a member that joins while it
-// waits (scaling out under load).
-func TestQueuedRequestTakesNewMember(t *testing.T) {
-	e := startServerWith(t, func(s *tunnel.Server) {
-		s.MaxRequestsPerMember = 1
-		s.QueueTimeout = 3 * time.Second
-	}, svc)
+// fillMember serves group svc with a member that holds each request until
+// the test ends, and keeps it busy with one.
+func (e *env) fillMember(t *testing.T) {
 	release, held := make(chan struct{}), make(chan struct{}, 1)
-	defer close(release)
+	t.Cleanup(func() { close(release) })
 	e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { held <- struct{}{}; <-release }))
 	go func() {
 		req, _ := http.NewRequest(http.MethodGet, e.frontend+"/hold", nil)
@@ -579,7 +575,17 @@ func TestQueuedRequestTakesNewMember(t *testing.T) {
 			resp.Body.Close()
 		}
 	}()
-	<-held // the only member is full
+	<-held
+}
+
+// A request queued behind full members takes a member that joins while it
+// waits (scaling out under load).
+func TestQueuedRequestTakesNewMember(t *testing.T) {
+	e := startServerWith(t, func(s *tunnel.Server) {
+		s.MaxRequestsPerMember = 1
+		s.QueueTimeout = 3 * time.Second
+	}, svc)
+	e.fillMember(t)
 	type result struct {
 		code int
 		body string

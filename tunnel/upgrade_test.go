@@ -160,17 +160,7 @@ func TestRefusedUpgradeEndsConnection(t *testing.T) {
 // with its Retry-After, like any request.
 func TestUpgradeToBusyGroup(t *testing.T) {
 	e := startServerWith(t, func(s *tunnel.Server) { s.MaxRequestsPerMember = 1; s.QueueTimeout = 200 * time.Millisecond }, svc)
-	release, held := make(chan struct{}), make(chan struct{}, 1)
-	defer close(release)
-	e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { held <- struct{}{}; <-release }))
-	go func() {
-		req, _ := http.NewRequest(http.MethodGet, e.frontend+"/hold", nil)
-		req.Host = "svc.example"
-		if resp, err := http.DefaultClient.Do(req); err == nil {
-			resp.Body.Close()
-		}
-	}()
-	<-held
+	e.fillMember(t)
 	req, err := http.NewRequest(http.MethodGet, e.frontend+"/ws", nil)
 	if err != nil {
 		t.Fatal(err)
