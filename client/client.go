@@ -529,7 +529,15 @@ func (s *Server) serve(ctx context.Context, addr string, tlsConf *tls.Config, tc
 	// The http3.Server is never shut down: its GOAWAY carries a stream ID
 	// the tunnel server rejects in the reversed roles (see the protocol
 	// doc). The connection is closed by us or by the peer instead.
-	h3 := &http3.Server{Handler: tc, Logger: s.Logger}
+	// net/http's server key, which http3 does not set, tells handlers
+	// that a server recovers http.ErrAbortHandler and cuts the response:
+	// without it httputil.ReverseProxy ends a response it could not copy
+	// whole as if it were complete. The value stands for the tunnel and
+	// serves nothing; data connections carry their real http.Server.
+	tunnelServer := &http.Server{Handler: tc}
+	h3 := &http3.Server{Handler: tc, Logger: s.Logger, ConnContext: func(ctx context.Context, _ *quic.Conn) context.Context {
+		return context.WithValue(ctx, http.ServerContextKey, tunnelServer)
+	}}
 	serveErr := h3.ServeQUICConn(tc.conn)
 	// ServeQUICConn can also fail on a live connection (no control
 	// stream); do not leave it open.

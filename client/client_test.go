@@ -5,9 +5,14 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
+	"io"
+	"log"
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
 	"slices"
 	"testing"
 	"time"
@@ -522,5 +527,35 @@ func TestSharedTransport(t *testing.T) {
 		if code, body := m.mustGet(t, "/x"); code != http.StatusOK {
 			t.Errorf("GET /x = %d %q", code, body)
 		}
+	}
+}
+
+// A handler that cannot finish its response after the header (here a
+// reverse proxy whose backend dies mid-body) cuts the stream, so that the
+// visitor sees an error rather than a short body that looks complete.
+func TestUnfinishedProxiedResponseIsCut(t *testing.T) {
+	backend := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+		conn, brw, err := http.NewResponseController(w).Hijack()
+		if err != nil {
+			return
+		}
+		defer conn.Close()
+		_, _ = brw.WriteString("HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+		_ = brw.Flush()
+	}))
+	defer backend.Close()
+	target, err := url.Parse(backend.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ts := newTunnelServer(t)
+	srv, _ := newClient(ts)
+	proxy := httputil.NewSingleHostReverseProxy(target)
+	proxy.ErrorLog = log.New(io.Discard, "", 0)
+	srv.Handler = proxy
+	serve(t, srv, ts.addr)
+	m := ts.member(t)
+	if code, body, err := m.get(t, "/"); err == nil {
+		t.Fatalf("GET = %d %q, want a reset stream", code, body)
 	}
 }
