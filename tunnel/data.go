@@ -449,8 +449,9 @@ func (b *dataBody) Close() error {
 		// The member answered while the body was still being sent.
 		reuse = false
 	}
-	// Bytes nobody asked for would put the next exchange out of step.
-	reuse = reuse && b.dc.br.Buffered() == 0
+	// Bytes nobody asked for would put the next exchange out of step,
+	// whether bufio or the read batch under TLS holds them.
+	reuse = reuse && b.dc.br.Buffered() == 0 && b.dc.raw.buf == nil
 	b.bufs.release(b.dc, writerDone)
 	if reuse {
 		b.pool.put(b.dc)

@@ -1,6 +1,7 @@
 package tunnel_test
 
 import (
+	"bufio"
 	"bytes"
 	"crypto/rand"
 	"crypto/sha256"
@@ -591,6 +592,125 @@ func TestTrailersAfterSizedBody(t *testing.T) {
 		const want = "-1 abc abc-ok" // the length given up for the trailer
 		if resp.ProtoMajor != 2 || resp.StatusCode != http.StatusOK || string(b) != want {
 			t.Fatalf("got %s %d %q, want HTTP/2 200 %q", resp.Proto, resp.StatusCode, b, want)
+		}
+	})
+}
+
+// A CONNECT's body (HTTP/1.1 chunked, or any HTTP/2 CONNECT stream) reaches
+// the member as a body: written raw on a data connection, it would be
+// parsed as requests of its own, which the frontend never saw, and their
+// answers would go to the next visitors.
+func TestConnectBodySmuggling(t *testing.T) {
+	paths(t, func(t *testing.T, quicOnly bool) {
+		e := startServer(t, svc)
+		e.quicOnly = quicOnly
+		var mu sync.Mutex
+		var seen []string
+		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			mu.Lock()
+			seen = append(seen, r.Method+" "+r.URL.Path+" xff="+r.Header.Get("X-Forwarded-For"))
+			mu.Unlock()
+			if r.URL.Path == "/smuggled" {
+				time.Sleep(200 * time.Millisecond)
+				io.WriteString(w, "SMUGGLED")
+				return
+			}
+			if r.Method == http.MethodConnect {
+				// Answer once the request has been written whole.
+				time.Sleep(50 * time.Millisecond)
+			}
+			io.WriteString(w, "for "+r.URL.Path)
+		}))
+		c, err := net.Dial("tcp", strings.TrimPrefix(e.frontend, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		inner := "GET /smuggled HTTP/1.1\r\nHost: svc.example\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+		fmt.Fprintf(c, "CONNECT svc.example:80 HTTP/1.1\r\nHost: svc.example:80\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n", len(inner), inner)
+		res, err := http.ReadResponse(bufio.NewReader(c), &http.Request{Method: http.MethodConnect})
+		if err != nil {
+			t.Fatal(err)
+		}
+		res.Body.Close()
+		time.Sleep(400 * time.Millisecond)
+		// Each visitor after it gets the previous one's answer.
+		for _, p := range []string{"/b", "/c"} {
+			if code, body := e.get(t, "svc.example", p); code != http.StatusOK || body != "for "+p {
+				t.Errorf("visitor asking %s got %d %q", p, code, body)
+			}
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		for _, s := range seen {
+			if strings.Contains(s, "/smuggled") {
+				t.Errorf("member received a smuggled request: %q", seen)
+			}
+		}
+	})
+}
+
+// The same through an HTTP/2 visitor, whose CONNECT has a stream for body.
+func TestConnectBodySmugglingHTTP2(t *testing.T) {
+	e := startServer(t, svc)
+	var mu sync.Mutex
+	var seen []string
+	e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		mu.Lock()
+		seen = append(seen, r.Method+" "+r.URL.Path+" xff="+r.Header.Get("X-Forwarded-For"))
+		mu.Unlock()
+		io.WriteString(w, "for "+r.URL.Path)
+	}))
+	h2 := httptest.NewUnstartedServer(e.srv)
+	h2.EnableHTTP2 = true
+	h2.StartTLS()
+	defer h2.Close()
+	inner := "GET /smuggled HTTP/1.1\r\nHost: svc.example\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+	req, err := http.NewRequest(http.MethodConnect, "https://"+h2.Listener.Addr().String(), io.MultiReader(strings.NewReader(inner)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	req.Host = "svc.example:443"
+	res, err := h2.Client().Do(req)
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.ReadAll(res.Body)
+	res.Body.Close()
+	time.Sleep(200 * time.Millisecond)
+	mu.Lock()
+	defer mu.Unlock()
+	for _, s := range seen {
+		if strings.Contains(s, "/smuggled") {
+			t.Errorf("member received a smuggled request: %q", seen)
+		}
+	}
+}
+
+// An HTTP/1.0 visitor gets no informational response (RFC 9110 §15.2): it
+// would take it for the final one.
+func TestNo1xxToHTTP10Visitor(t *testing.T) {
+	paths(t, func(t *testing.T, quicOnly bool) {
+		e := startServer(t, svc)
+		e.quicOnly = quicOnly
+		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Link", "</a.css>; rel=preload")
+			w.WriteHeader(http.StatusEarlyHints)
+			io.WriteString(w, "final")
+		}))
+		c, err := net.Dial("tcp", strings.TrimPrefix(e.frontend, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		io.WriteString(c, "GET / HTTP/1.0\r\nHost: svc.example\r\n\r\n")
+		res, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(res.Body)
+		if res.StatusCode != http.StatusOK || string(b) != "final" {
+			t.Fatalf("HTTP/1.0 visitor read %d %q, want 200 \"final\"", res.StatusCode, b)
 		}
 	})
 }

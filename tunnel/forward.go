@@ -39,6 +39,12 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, g *group) (stat
 		// The transport may read on after this handler has returned.
 		defer out.Body.Close()
 	}
+	// RFC 9110 §15.2: no 1xx response to an HTTP/1.0 visitor, who
+	// would take it for the final one.
+	hints := w
+	if !r.ProtoAtLeast(1, 1) {
+		hints = no1xx{w}
+	}
 	var tried *member
 	for attempt := 0; ; attempt++ {
 		m, err := s.acquire(ctx, g, tried)
@@ -57,7 +63,12 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, g *group) (stat
 			stop func() bool
 			lost bool
 		)
-		dc := m.data.get()
+		var dc *dataConn
+		if out.Method != http.MethodConnect {
+			// HTTP/1.1 writes a CONNECT body raw, without a length or
+			// chunking: the member would parse it as further requests.
+			dc = m.data.get()
+		}
 		for dc != nil && !replayable(out) && dc.stale() {
 			// A request that must not run twice cannot learn the hard way
 			// that the member closed this connection while it was idle.
@@ -67,10 +78,10 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, g *group) (stat
 		if dc != nil {
 			// A failure before the response header, other than an answer
 			// the member got wrong, is the connection's.
-			res, err = s.roundTripData(ctx, w, &m.data, dc, out)
+			res, err = s.roundTripData(ctx, hints, &m.data, dc, out)
 			lost = err != nil && !errors.Is(err, errHeaderTooLarge) && !errors.Is(err, errBad1xx)
 		} else {
-			res, stop, err = s.exchange(ctx, w, m, out)
+			res, stop, err = s.exchange(ctx, hints, m, out)
 			lost = err != nil && connectionLost(m, err)
 		}
 		if err != nil {
@@ -535,3 +546,9 @@ func (b *handlerBody) Close() error {
 }
 
 var errBodyClosed = errors.New("read on a closed request body")
+
+// no1xx is the writer informational responses go to for a visitor that
+// cannot take them: they are dropped.
+type no1xx struct{ http.ResponseWriter }
+
+func (no1xx) WriteHeader(int) {}
