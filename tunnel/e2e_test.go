@@ -1,6 +1,8 @@
 package tunnel_test
 
 import (
+	"bufio"
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
@@ -613,6 +615,46 @@ func TestQueuedRequestTakesNewMember(t *testing.T) {
 }
 
 // 3. A slow client Authenticator (token fetch) is retried, not "bad request" for good.
+
+// A visitor that stops reading its response loses it after the
+// SendTimeout, and its member's request slot goes to the next request.
+func TestVisitorThatStopsReading(t *testing.T) {
+	e := startServerWith(t, func(s *tunnel.Server) {
+		s.MaxRequestsPerMember = 1
+		s.QueueTimeout = 5 * time.Second
+		s.SendTimeout = 300 * time.Millisecond
+	}, svc)
+	chunk := bytes.Repeat([]byte("x"), 64<<10)
+	e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path != "/endless" {
+			io.WriteString(w, "ok")
+			return
+		}
+		for {
+			if _, err := w.Write(chunk); err != nil {
+				return
+			}
+		}
+	}))
+	c, err := net.Dial("tcp", strings.TrimPrefix(e.frontend, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	_ = c.(*net.TCPConn).SetReadBuffer(4 << 10)
+	io.WriteString(c, "GET /endless HTTP/1.1\r\nHost: svc.example\r\n\r\n")
+	if _, err := http.ReadResponse(bufio.NewReader(c), nil); err != nil {
+		t.Fatal(err)
+	}
+	// The visitor reads no further; the member's one slot is taken.
+	start := time.Now()
+	if code, body := e.get(t, "svc.example", "/next"); code != http.StatusOK || body != "ok" {
+		t.Fatalf("next request: %d %q after %v", code, body, time.Since(start))
+	}
+	if d := time.Since(start); d > 3*time.Second {
+		t.Fatalf("next request waited %v for the slot", d)
+	}
+}
 
 func TestRegistrationRateLimit(t *testing.T) {
 	e := startServerWith(t, func(s *tunnel.Server) {

@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"strings"
 	"sync/atomic"
+	"time"
 
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
@@ -101,10 +102,7 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, g *group) (stat
 		// A visitor who left as the answer came reads none of it.
 		left := ctx.Err()
 		if left == nil {
-			abort = s.respond(w, g, res)
-			if !abort && r.ProtoMajor == 1 && len(res.Trailer) == 0 {
-				flushSized(w)
-			}
+			abort = s.respond(w, g, res, r.ProtoMajor == 1)
 		}
 		_ = res.Body.Close()
 		if stop != nil {
@@ -123,11 +121,12 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, g *group) (stat
 // handler. One without a declared length is left to net/http, which sets
 // the length it counts if the handler ends before a flush; HTTP/2 would
 // spend a frame on the end of the stream.
-func flushSized(w http.ResponseWriter) {
+func flushSized(w http.ResponseWriter, arm func()) {
 	if _, ok := w.Header()["Content-Length"]; !ok {
 		return
 	}
 	if f, ok := w.(http.Flusher); ok {
+		arm()
 		f.Flush()
 	}
 }
@@ -267,8 +266,30 @@ func pass1xx(w http.ResponseWriter, code int, header http.Header) {
 }
 
 // respond copies res to the visitor and reports whether it broke off after
-// the header was sent. The caller closes res.Body.
-func (s *Server) respond(w http.ResponseWriter, g *group, res *http.Response) (abort bool) {
+// the header was sent. The caller closes res.Body. http1 tells that the
+// visitor speaks HTTP/1.x.
+func (s *Server) respond(w http.ResponseWriter, g *group, res *http.Response, http1 bool) (abort bool) {
+	// Each write gets the SendTimeout, give or take a tenth; the deadline
+	// is lifted at the end, for it would outlive the response on a
+	// kept-alive HTTP/1 connection.
+	ctl := http.NewResponseController(w)
+	sendTimeout := s.SendTimeout
+	if sendTimeout <= 0 {
+		sendTimeout = DefaultSendTimeout
+	}
+	var armed time.Time
+	defer func() {
+		if !armed.IsZero() {
+			_ = ctl.SetWriteDeadline(time.Time{})
+		}
+	}()
+	arm := func() {
+		if now := time.Now(); now.Sub(armed) > min(time.Second, sendTimeout/10) {
+			_ = ctl.SetWriteDeadline(now.Add(sendTimeout))
+			armed = now
+		}
+	}
+
 	removeHopByHop(res.Header)
 	h := w.Header()
 	for k, vv := range res.Header {
@@ -292,10 +313,10 @@ func (s *Server) respond(w http.ResponseWriter, g *group, res *http.Response) (a
 	// A response of known length is written when the handler returns or
 	// the buffer fills; one that streams is flushed as it arrives, and its
 	// header at once, so that the visitor sees the stream begin.
-	var rc *http.ResponseController
-	if streams(res) {
-		rc = http.NewResponseController(w)
-		_ = rc.Flush()
+	stream := streams(res)
+	if stream {
+		arm()
+		_ = ctl.Flush()
 	}
 	pool := s.buffers
 	if res.ContentLength >= bulkSize {
@@ -311,16 +332,17 @@ func (s *Server) respond(w http.ResponseWriter, g *group, res *http.Response) (a
 	for {
 		n, rerr := res.Body.Read((*buf)[filled:])
 		filled += n
-		if rerr == nil && rc == nil && more != nil && filled < len(*buf) && more.buffered() {
+		if rerr == nil && !stream && more != nil && filled < len(*buf) && more.buffered() {
 			continue
 		}
 		if filled > 0 {
+			arm()
 			if _, werr := w.Write((*buf)[:filled]); werr != nil {
 				return true
 			}
 			filled = 0
-			if rc != nil {
-				_ = rc.Flush()
+			if stream {
+				_ = ctl.Flush()
 			}
 		}
 		if rerr == io.EOF {
@@ -336,14 +358,15 @@ func (s *Server) respond(w http.ResponseWriter, g *group, res *http.Response) (a
 	// The transport fills res.Trailer once the body has been read to its
 	// end.
 	if len(res.Trailer) == 0 {
+		if http1 {
+			flushSized(w, arm)
+		}
 		return false
 	}
 	// Force chunking, so that net/http does not compute a Content-Length
 	// for a short body and drop the trailers.
-	if rc == nil {
-		rc = http.NewResponseController(w)
-	}
-	_ = rc.Flush()
+	arm()
+	_ = ctl.Flush()
 	if len(res.Trailer) == announced {
 		for k, vv := range res.Trailer {
 			h[k] = append(h[k], vv...)

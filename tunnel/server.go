@@ -32,6 +32,9 @@ import (
 // Server.MaxResponseHeaderBytes is zero, as net/http's Transport does.
 const DefaultMaxResponseHeaderBytes = 10 << 20
 
+// DefaultSendTimeout is Server.SendTimeout when zero.
+const DefaultSendTimeout = time.Minute
+
 // DefaultRegisterTimeout bounds the wait for a client's register request.
 const DefaultRegisterTimeout = 5 * time.Second
 
@@ -72,6 +75,11 @@ type Server struct {
 	// MaxResponseHeaderBytes limits a member's response headers; zero means
 	// DefaultMaxResponseHeaderBytes.
 	MaxResponseHeaderBytes int
+	// SendTimeout is the longest a write of a response to a visitor may
+	// wait, as nginx's send_timeout; zero means DefaultSendTimeout. A
+	// visitor that stops reading would otherwise hold its member's request
+	// slot and data connection for good.
+	SendTimeout time.Duration
 
 	table atomic.Pointer[table]
 
