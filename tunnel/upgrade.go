@@ -29,20 +29,11 @@ func isUpgrade(r *http.Request) bool {
 // not, goes back to the visitor byte for byte; after a 101, so does
 // everything after it, in both directions, until either side closes.
 func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request, g *group) int {
-	m, err := s.acquire(r.Context(), g, nil)
-	if err != nil {
-		return s.proxyError(w, r, g, err)
+	m, str, status := s.upgradeStream(w, r, g)
+	if str == nil {
+		return status
 	}
 	defer g.release(m)
-
-	ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
-	str, err := s.openUpgrade(ctx, m, r)
-	cancel()
-	if err != nil {
-		s.logger().Warn("upgrade refused by member", "group", g.name, "error", err)
-		textError(w, bodyNoUpgrade, http.StatusBadGateway)
-		return http.StatusBadGateway
-	}
 	defer str.Close()
 
 	out := r.Clone(context.Background())
@@ -98,6 +89,40 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request, g *group) 
 	wg.Wait()
 	str.CancelRead(quic.StreamErrorCode(http3.ErrCodeNoError))
 	return http.StatusSwitchingProtocols
+}
+
+// upgradeStream opens an upgrade stream to a member of g. A member whose
+// connection fails first is replaced once: the visitor's request has not
+// reached it yet. On failure the visitor is answered and its status
+// returned, with a nil stream.
+func (s *Server) upgradeStream(w http.ResponseWriter, r *http.Request, g *group) (*member, *http3.RequestStream, int) {
+	var tried *member
+	for {
+		m, err := s.acquire(r.Context(), g, tried)
+		if err != nil {
+			if tried != nil && errors.Is(err, errNoMember) {
+				err = errMemberGone
+			}
+			return nil, nil, s.proxyError(w, r, g, err)
+		}
+		ctx, cancel := context.WithTimeout(r.Context(), 10*time.Second)
+		str, err := s.openUpgrade(ctx, m, r)
+		cancel()
+		if err == nil {
+			return m, str, 0
+		}
+		g.release(m)
+		if errors.Is(err, errUpgradeRefused) {
+			s.logger().Warn("upgrade refused by member", "group", g.name, "error", err)
+			textError(w, bodyNoUpgrade, http.StatusBadGateway)
+			return nil, nil, http.StatusBadGateway
+		}
+		if tried == nil && r.Context().Err() == nil {
+			tried = m
+			continue
+		}
+		return nil, nil, s.proxyError(w, r, g, err)
+	}
 }
 
 const bodyNoUpgrade = "reverst: the tunnel client does not support protocol upgrades (WebSocket)\n"

@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
 	"golang.org/x/net/websocket"
 
@@ -175,5 +176,33 @@ func TestUpgradeToBusyGroup(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusServiceUnavailable || resp.Header.Get("Retry-After") == "" {
 		t.Fatalf("upgrade to a busy group: %d, Retry-After %q; want 503 with Retry-After", resp.StatusCode, resp.Header.Get("Retry-After"))
+	}
+}
+
+// An upgrade that lands on a member whose connection is dead, not yet
+// dropped, goes to another member: the visitor's request had not reached
+// the dead one.
+func TestUpgradeToDeadMember(t *testing.T) {
+	e := startServer(t, tunnel.Group{Name: "ws", Hosts: []string{"127.0.0.1"}})
+	e.serve(t, "ws", websocket.Handler(func(ws *websocket.Conn) { _, _ = io.Copy(ws, ws) }))
+	_, udp := e.registerRaw(t, "ws", map[string]string{protocol.MetadataKeepAlive: "100ms"},
+		&quic.Config{KeepAlivePeriod: 100 * time.Millisecond, MaxIdleTimeout: 10 * time.Second})
+	e.waitMembers(t, "ws", func(n int) bool { return n == 2 })
+	udp.Close() // dead, and still a member for about 400 ms
+	url := strings.Replace(e.frontend, "http://", "ws://", 1) + "/"
+	// Idle members take turns: one of the two lands on the dead one.
+	for i := range 2 {
+		ws, err := websocket.Dial(url, "", e.frontend)
+		if err != nil {
+			t.Fatalf("upgrade %d: %v", i, err)
+		}
+		if _, err := io.WriteString(ws, "ping"); err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, 4)
+		if _, err := io.ReadFull(ws, buf); err != nil || string(buf) != "ping" {
+			t.Fatalf("echo %d: %q %v", i, buf, err)
+		}
+		ws.Close()
 	}
 }
