@@ -60,7 +60,7 @@ func configOptions() []flagenv.Option {
 		{Short: "g", Long: "tunnel-groups", Field: "TunnelGroups", Usage: "path to file, file://, http(s):// or k8s://configmap/NS/NAME/KEY source of tunnel groups"},
 		{Short: "w", Long: "watch-groups", Field: "WatchGroups", Usage: "watch tunnel groups sources for updates"},
 		{Long: "groups-poll-interval", Field: "GroupsPoll", Usage: "how often a watched http(s) groups source is polled"},
-		{Long: "management-address", Field: "ManagementAddress", Usage: "HTTP address for management API (/metrics, /healthz, /readyz)"},
+		{Long: "management-address", Field: "ManagementAddress", Usage: "HTTP address for management API (/metrics, /healthz, /readyz, /status)"},
 		{Long: "max-idle-timeout", Field: "MaxIdleTimeout", Usage: "maximum time a connection can be idle"},
 		{Long: "keep-alive-period", Field: "KeepAlivePeriod", Usage: "period between keep-alive events"},
 		{Long: "https-address", Field: "HTTPSAddress", Usage: "address for serving HTTPS (HTTP/1.1 and HTTP/2) requests; off when empty"},
