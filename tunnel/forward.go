@@ -515,7 +515,8 @@ func deleteListed(h http.Header, connection []string) {
 
 // cleanQuery drops the query parameters a member might parse differently
 // from the server (semicolons, bad escapes, too many), as
-// httputil.ReverseProxy does.
+// httputil.ReverseProxy does, and escapes the bytes an HTTP/2 visitor may
+// send raw but an HTTP/1.1 request line cannot carry (a space).
 func cleanQuery(s string) string {
 	reencode := func(s string) string {
 		v, _ := url.ParseQuery(s)
@@ -525,6 +526,9 @@ func cleanQuery(s string) string {
 		return reencode(s)
 	}
 	for i := 0; i < len(s); {
+		if s[i] <= ' ' || s[i] == 0x7f {
+			return reencode(s)
+		}
 		switch s[i] {
 		case ';':
 			return reencode(s)

@@ -92,3 +92,19 @@ func TestOutgoing(t *testing.T) {
 		})
 	}
 }
+
+func TestCleanQuery(t *testing.T) {
+	for in, want := range map[string]string{
+		"a=1&b=2":     "a=1&b=2",
+		"b=2&a=%41":   "b=2&a=%41", // left as sent when clean
+		"a=1;b=2":     "",          // a member might split on ';'
+		"a=%zz&b=2":   "b=2",
+		"q=a b&z=1":   "q=a+b&z=1", // an HTTP/2 visitor's raw space
+		"q=\x01":      "q=%01",
+		"q=tab\there": "q=tab%09here",
+	} {
+		if got := cleanQuery(in); got != want {
+			t.Errorf("cleanQuery(%q) = %q, want %q", in, got, want)
+		}
+	}
+}
