@@ -596,6 +596,32 @@ func TestTrailersAfterSizedBody(t *testing.T) {
 	})
 }
 
+// smuggled is a request hidden in a CONNECT's body.
+const smuggled = "GET /smuggled HTTP/1.1\r\nHost: svc.example\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+
+// requestLog records the requests a member got.
+type requestLog struct {
+	mu   sync.Mutex
+	seen []string
+}
+
+func (l *requestLog) add(r *http.Request) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.seen = append(l.seen, r.Method+" "+r.URL.Path+" xff="+r.Header.Get("X-Forwarded-For"))
+}
+
+// noneSmuggled fails t if the member got the smuggled request.
+func (l *requestLog) noneSmuggled(t *testing.T) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	for _, s := range l.seen {
+		if strings.Contains(s, "/smuggled") {
+			t.Errorf("member received a smuggled request: %q", l.seen)
+		}
+	}
+}
+
 // A CONNECT's body (HTTP/1.1 chunked, or any HTTP/2 CONNECT stream) reaches
 // the member as a body: written raw on a data connection, it would be
 // parsed as requests of its own, which the frontend never saw, and their
@@ -604,12 +630,9 @@ func TestConnectBodySmuggling(t *testing.T) {
 	paths(t, func(t *testing.T, quicOnly bool) {
 		e := startServer(t, svc)
 		e.quicOnly = quicOnly
-		var mu sync.Mutex
-		var seen []string
+		var log requestLog
 		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			mu.Lock()
-			seen = append(seen, r.Method+" "+r.URL.Path+" xff="+r.Header.Get("X-Forwarded-For"))
-			mu.Unlock()
+			log.add(r)
 			if r.URL.Path == "/smuggled" {
 				time.Sleep(200 * time.Millisecond)
 				io.WriteString(w, "SMUGGLED")
@@ -626,47 +649,36 @@ func TestConnectBodySmuggling(t *testing.T) {
 			t.Fatal(err)
 		}
 		defer c.Close()
-		inner := "GET /smuggled HTTP/1.1\r\nHost: svc.example\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
-		fmt.Fprintf(c, "CONNECT svc.example:80 HTTP/1.1\r\nHost: svc.example:80\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n", len(inner), inner)
+		fmt.Fprintf(c, "CONNECT svc.example:80 HTTP/1.1\r\nHost: svc.example:80\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n", len(smuggled), smuggled)
 		res, err := http.ReadResponse(bufio.NewReader(c), &http.Request{Method: http.MethodConnect})
 		if err != nil {
 			t.Fatal(err)
 		}
 		res.Body.Close()
 		time.Sleep(400 * time.Millisecond)
-		// Each visitor after it gets the previous one's answer.
+		// Each visitor after it would get the previous one's answer.
 		for _, p := range []string{"/b", "/c"} {
 			if code, body := e.get(t, "svc.example", p); code != http.StatusOK || body != "for "+p {
 				t.Errorf("visitor asking %s got %d %q", p, code, body)
 			}
 		}
-		mu.Lock()
-		defer mu.Unlock()
-		for _, s := range seen {
-			if strings.Contains(s, "/smuggled") {
-				t.Errorf("member received a smuggled request: %q", seen)
-			}
-		}
+		log.noneSmuggled(t)
 	})
 }
 
 // The same through an HTTP/2 visitor, whose CONNECT has a stream for body.
 func TestConnectBodySmugglingHTTP2(t *testing.T) {
 	e := startServer(t, svc)
-	var mu sync.Mutex
-	var seen []string
+	var log requestLog
 	e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		mu.Lock()
-		seen = append(seen, r.Method+" "+r.URL.Path+" xff="+r.Header.Get("X-Forwarded-For"))
-		mu.Unlock()
+		log.add(r)
 		io.WriteString(w, "for "+r.URL.Path)
 	}))
 	h2 := httptest.NewUnstartedServer(e.srv)
 	h2.EnableHTTP2 = true
 	h2.StartTLS()
 	defer h2.Close()
-	inner := "GET /smuggled HTTP/1.1\r\nHost: svc.example\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
-	req, err := http.NewRequest(http.MethodConnect, "https://"+h2.Listener.Addr().String(), io.MultiReader(strings.NewReader(inner)))
+	req, err := http.NewRequest(http.MethodConnect, "https://"+h2.Listener.Addr().String(), io.MultiReader(strings.NewReader(smuggled)))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -678,13 +690,7 @@ func TestConnectBodySmugglingHTTP2(t *testing.T) {
 	io.ReadAll(res.Body)
 	res.Body.Close()
 	time.Sleep(200 * time.Millisecond)
-	mu.Lock()
-	defer mu.Unlock()
-	for _, s := range seen {
-		if strings.Contains(s, "/smuggled") {
-			t.Errorf("member received a smuggled request: %q", seen)
-		}
-	}
+	log.noneSmuggled(t)
 }
 
 // An HTTP/1.0 visitor gets no informational response (RFC 9110 §15.2): it
