@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"sync"
 	"syscall"
 	"time"
@@ -196,6 +197,19 @@ func (dc *dataConn) stale() bool {
 		return true
 	}
 	return closed
+}
+
+// readAhead reports whether TLS holds a record that nobody asked for, or
+// the connection failed: tls.Conn reads ahead of what it returns. The read
+// does not wait: with its deadline passed, a read that would reach the
+// socket fails at once, and TLS does not take that failure for a broken
+// connection. A record still arriving in part goes unseen.
+func (dc *dataConn) readAhead() bool {
+	var one [1]byte
+	_ = dc.conn.SetReadDeadline(time.Unix(1, 0)) // passed long ago
+	n, err := dc.conn.Read(one[:])
+	_ = dc.conn.SetReadDeadline(time.Time{})
+	return n > 0 || err != nil && !errors.Is(err, os.ErrDeadlineExceeded)
 }
 
 // dataBufs recycles the buffered readers and writers of exchanges on data
@@ -450,8 +464,8 @@ func (b *dataBody) Close() error {
 		reuse = false
 	}
 	// Bytes nobody asked for would put the next exchange out of step,
-	// whether bufio or the read batch under TLS holds them.
-	reuse = reuse && b.dc.br.Buffered() == 0 && b.dc.raw.buf == nil
+	// whether bufio, TLS or the read batch under it holds them.
+	reuse = reuse && b.dc.br.Buffered() == 0 && b.dc.raw.buf == nil && !b.dc.readAhead()
 	b.bufs.release(b.dc, writerDone)
 	if reuse {
 		b.pool.put(b.dc)

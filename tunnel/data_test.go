@@ -3,6 +3,7 @@ package tunnel_test
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
@@ -20,6 +21,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/quic-go/quic-go"
 
 	"github.com/reverst-dev/reverst/client"
 	"github.com/reverst-dev/reverst/protocol"
@@ -717,6 +719,156 @@ func TestNo1xxToHTTP10Visitor(t *testing.T) {
 		b, _ := io.ReadAll(res.Body)
 		if res.StatusCode != http.StatusOK || string(b) != "final" {
 			t.Fatalf("HTTP/1.0 visitor read %d %q, want 200 \"final\"", res.StatusCode, b)
+		}
+	})
+}
+
+// holdConn passes writes through, except while hold is set: then they
+// are gathered and sent in one TCP write by release.
+type holdConn struct {
+	net.Conn
+	mu   sync.Mutex
+	hold bool
+	buf  bytes.Buffer
+}
+
+func (c *holdConn) Write(p []byte) (int, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.hold {
+		return c.buf.Write(p)
+	}
+	return c.Conn.Write(p)
+}
+
+func (c *holdConn) release() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.hold = false
+	_, err := c.Conn.Write(c.buf.Bytes())
+	c.buf.Reset()
+	return err
+}
+
+// A member that sends bytes after its answer, in a TLS record of their
+// own, must not have them read as the next visitor's answer: tls.Conn
+// reads ahead into its own buffer, where neither br.Buffered nor the
+// read batch sees them.
+func TestUnaskedBytesInTLSBufferNotReused(t *testing.T) {
+	e := startServer(t, svc)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	conn, err := quic.DialAddr(ctx, e.addr, e.clientTLS(), &quic.Config{MaxIdleTimeout: 10 * time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.CloseWithError(0, "")
+	str, err := conn.OpenStreamSync(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := protocol.WriteRequest(str, &protocol.RegisterRequest{Version: 1, TunnelGroup: "svc",
+		Metadata: map[string]string{protocol.MetadataData: protocol.DataHTTP1}}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := protocol.ReadResponse(str)
+	if err != nil {
+		t.Fatal(err)
+	}
+	token := resp.Metadata[protocol.MetadataData]
+	if token == "" {
+		t.Fatal("no data token")
+	}
+	e.waitMembers(t, "svc", func(n int) bool { return n == 1 })
+	// Two data connections, so that one is left if the first is dropped.
+	for range 2 {
+		raw, err := net.Dial("tcp", e.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer raw.Close()
+		hc := &holdConn{Conn: raw}
+		tc := tls.Client(hc, &tls.Config{RootCAs: e.roots, ServerName: "localhost", NextProtos: []string{protocol.DataALPN}})
+		if err := protocol.WriteDataHello(tc, token); err != nil {
+			t.Fatal(err)
+		}
+		var ok [1]byte
+		if _, err := io.ReadFull(tc, ok[:]); err != nil || ok[0] != protocol.DataOK {
+			t.Fatalf("data hello: %v", err)
+		}
+		go func() {
+			br := bufio.NewReader(tc)
+			for {
+				req, err := http.ReadRequest(br)
+				if err != nil {
+					return
+				}
+				io.Copy(io.Discard, req.Body)
+				if req.URL.Path == "/first" {
+					hc.mu.Lock()
+					hc.hold = true
+					hc.mu.Unlock()
+					io.WriteString(tc, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+					io.WriteString(tc, "HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED") // a record of its own
+					hc.release()
+					continue
+				}
+				io.WriteString(tc, "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+			}
+		}()
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		if n := e.dataConns("svc"); len(n) == 1 && n[0] == 2 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("data connections: %v", e.dataConns("svc"))
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if code, body := e.get(t, "svc.example", "/first"); code != 200 || body != "first" {
+		t.Fatalf("first: %d %q", code, body)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if code, body := e.get(t, "svc.example", "/next"); body != "second" {
+		t.Fatalf("next visitor got %d %q, the bytes the member sent after the first answer", code, body)
+	}
+}
+
+// A member that answers at once (401, 413) without reading the upload must
+// get its slot back although the visitor stalls in the middle of its body.
+func TestEarlyAnswerToStalledUploadFreesSlot(t *testing.T) {
+	paths(t, func(t *testing.T, quicOnly bool) {
+		e := startServerWith(t, func(s *tunnel.Server) {
+			s.MaxRequestsPerMember = 1
+			s.QueueTimeout = 2 * time.Second
+		}, svc)
+		e.quicOnly = quicOnly
+		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			if r.Method == http.MethodPost {
+				http.Error(w, "no", http.StatusUnauthorized) // body left unread
+				return
+			}
+			io.WriteString(w, "ok")
+		}))
+		c, err := net.Dial("tcp", strings.TrimPrefix(e.frontend, "http://"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		// 1 MiB announced, 1 KiB sent, then nothing.
+		io.WriteString(c, "POST /upload HTTP/1.1\r\nHost: svc.example\r\nContent-Length: 1048576\r\n\r\n"+strings.Repeat("x", 1024))
+		time.Sleep(500 * time.Millisecond)
+		deadline := time.Now().Add(3 * time.Second)
+		for inFlight(e.srv) != 0 && time.Now().Before(deadline) {
+			time.Sleep(20 * time.Millisecond)
+		}
+		if n := inFlight(e.srv); n != 0 {
+			t.Errorf("member answered, yet %d request(s) still hold its slot", n)
+		}
+		if code, body := e.get(t, "svc.example", "/next"); code != http.StatusOK {
+			t.Fatalf("next request: %d %q", code, body)
 		}
 	})
 }

@@ -102,7 +102,10 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, g *group) (stat
 		// A visitor who left as the answer came reads none of it.
 		left := ctx.Err()
 		if left == nil {
-			abort = s.respond(w, g, res, r.ProtoMajor == 1)
+			// A visitor's unread body would make net/http's first flush
+			// wait for it, holding the member's slot: the early flush is
+			// for requests without one.
+			abort = s.respond(w, g, res, r.ProtoMajor == 1 && out.Body == nil)
 		}
 		_ = res.Body.Close()
 		if stop != nil {
@@ -266,9 +269,9 @@ func pass1xx(w http.ResponseWriter, code int, header http.Header) {
 }
 
 // respond copies res to the visitor and reports whether it broke off after
-// the header was sent. The caller closes res.Body. http1 tells that the
-// visitor speaks HTTP/1.x.
-func (s *Server) respond(w http.ResponseWriter, g *group, res *http.Response, http1 bool) (abort bool) {
+// the header was sent. The caller closes res.Body. flushEnd sends a
+// complete response of declared length at once (see flushSized).
+func (s *Server) respond(w http.ResponseWriter, g *group, res *http.Response, flushEnd bool) (abort bool) {
 	// Each write gets the SendTimeout, give or take a tenth; the deadline
 	// is lifted at the end, for it would outlive the response on a
 	// kept-alive HTTP/1 connection.
@@ -358,7 +361,7 @@ func (s *Server) respond(w http.ResponseWriter, g *group, res *http.Response, ht
 	// The transport fills res.Trailer once the body has been read to its
 	// end.
 	if len(res.Trailer) == 0 {
-		if http1 {
+		if flushEnd {
 			flushSized(w, arm)
 		}
 		return false
