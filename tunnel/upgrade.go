@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"os"
 	"sync"
 	"time"
 
@@ -54,6 +55,26 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request, g *group) 
 	// makes the connection a tunnel to the member: after any other answer
 	// it ends, or the visitor's next request would go to this member
 	// whatever its Host.
+	//
+	// Until the 101, the visitor's bytes are not the member's to take,
+	// but its leaving must still reach the member, whose handler is
+	// cancelled then: a peek watches the visitor without taking anything.
+	watched := make(chan struct{})
+	go func() {
+		defer close(watched)
+		if _, err := buf.Reader.Peek(1); err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
+			str.CancelRead(quic.StreamErrorCode(http3.ErrCodeRequestCanceled))
+			str.CancelWrite(quic.StreamErrorCode(http3.ErrCodeRequestCanceled))
+		}
+	}()
+	// A read deadline already passed ends the peek; bytes it took in are
+	// sent first below, after a 101.
+	stopWatching := sync.OnceFunc(func() {
+		_ = visitor.SetReadDeadline(time.Unix(1, 0))
+		<-watched
+		_ = visitor.SetReadDeadline(time.Time{})
+	})
+	defer stopWatching()
 	limit := &headerLimit{r: io.TeeReader(str, visitor), n: int64(s.maxResponseHeaderBytes())}
 	head := bufio.NewReader(limit)
 	for n := 0; ; n++ {
@@ -71,6 +92,7 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request, g *group) 
 			return res.StatusCode
 		}
 	}
+	stopWatching()
 	// Bytes the member sent after its 101 are the visitor's already.
 
 	var wg sync.WaitGroup

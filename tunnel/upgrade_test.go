@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -204,5 +205,59 @@ func TestUpgradeToDeadMember(t *testing.T) {
 			t.Fatalf("echo %d: %q %v", i, buf, err)
 		}
 		ws.Close()
+	}
+}
+
+// A visitor that leaves before the member answers its upgrade cancels the
+// member's handler, though none of its bytes may reach the member then.
+func TestVisitorLeavesBeforeUpgradeAnswer(t *testing.T) {
+	e := startServer(t, tunnel.Group{Name: "ws", Hosts: []string{"127.0.0.1"}})
+	cancelled := make(chan struct{})
+	e.serve(t, "ws", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-r.Context().Done():
+			close(cancelled)
+		case <-time.After(10 * time.Second):
+		}
+	}))
+	c, err := net.Dial("tcp", strings.TrimPrefix(e.frontend, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	io.WriteString(c, "GET /poll HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+	time.Sleep(300 * time.Millisecond)
+	c.Close()
+	select {
+	case <-cancelled:
+	case <-time.After(3 * time.Second):
+		t.Fatal("the member's handler ran on after the visitor left")
+	}
+}
+
+// Upgrades work from a TLS frontend too, whose hijacked connection is a
+// tls.Conn.
+func TestWebSocketThroughTLSFrontend(t *testing.T) {
+	e := startServer(t, tunnel.Group{Name: "ws", Hosts: []string{"127.0.0.1"}})
+	e.serve(t, "ws", websocket.Handler(func(ws *websocket.Conn) { _, _ = io.Copy(ws, ws) }))
+	front := httptest.NewTLSServer(e.srv)
+	defer front.Close()
+	conf, err := websocket.NewConfig(strings.Replace(front.URL, "https://", "wss://", 1)+"/", front.URL)
+	if err != nil {
+		t.Fatal(err)
+	}
+	conf.TlsConfig = front.Client().Transport.(*http.Transport).TLSClientConfig
+	ws, err := websocket.DialConfig(conf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ws.Close()
+	for _, msg := range []string{"one", "two"} {
+		if _, err := io.WriteString(ws, msg); err != nil {
+			t.Fatal(err)
+		}
+		buf := make([]byte, len(msg))
+		if _, err := io.ReadFull(ws, buf); err != nil || string(buf) != msg {
+			t.Fatalf("echo: %q %v", buf, err)
+		}
 	}
 }
