@@ -19,9 +19,14 @@ import (
 	"github.com/reverst-dev/reverst/protocol"
 )
 
-// isUpgrade reports whether r asks to switch protocols (WebSocket, …).
+// isUpgrade reports whether r asks to switch protocols (WebSocket, …). A
+// request with a body is not taken for one (RFC 9110 §7.8 lets a server
+// ignore Upgrade) but proxied as a plain request: once its body is read,
+// net/http reads on the connection itself, which then is not ours to
+// read after the hijack. No WebSocket handshake has a body.
 func isUpgrade(r *http.Request) bool {
 	return r.ProtoMajor == 1 && r.Header.Get("Upgrade") != "" &&
+		r.ContentLength == 0 && len(r.TransferEncoding) == 0 &&
 		httpguts.HeaderValuesContainsToken(r.Header["Connection"], "Upgrade")
 }
 

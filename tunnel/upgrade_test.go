@@ -261,3 +261,30 @@ func TestWebSocketThroughTLSFrontend(t *testing.T) {
 		}
 	}
 }
+
+// An upgrade request with a body is proxied as a plain request; hijacking
+// the visitor's connection then would race net/http's own read of it.
+func TestUpgradeWithBody(t *testing.T) {
+	e := startServer(t, tunnel.Group{Name: "ws", Hosts: []string{"127.0.0.1"}})
+	e.serve(t, "ws", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		time.Sleep(200 * time.Millisecond)
+		w.WriteHeader(http.StatusForbidden)
+		io.WriteString(w, "got "+string(b))
+	}))
+	c, err := net.Dial("tcp", strings.TrimPrefix(e.frontend, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	io.WriteString(c, "POST /x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 5\r\n\r\nhello")
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	res, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, _ := io.ReadAll(res.Body)
+	if res.StatusCode != http.StatusForbidden || string(b) != "got hello" {
+		t.Fatalf("upgrade with a body: %d %q", res.StatusCode, b)
+	}
+}
