@@ -263,10 +263,15 @@ func WriteResponse(w io.Writer, resp *RegisterResponse) error {
 // ReadRequest decodes one register request from r, reading at most
 // [MaxMessageSize] bytes. Every failure wraps [ErrBadRequest].
 func ReadRequest(r io.Reader) (*RegisterRequest, error) {
-	var req RegisterRequest
-	if err := decode(r, &req); err != nil {
+	var wire struct {
+		Version     uint8
+		TunnelGroup string
+		Metadata    metadata
+	}
+	if err := decode(r, &wire); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrBadRequest, err)
 	}
+	req := RegisterRequest{Version: wire.Version, TunnelGroup: wire.TunnelGroup, Metadata: wire.Metadata}
 	if req.Version != Version {
 		return nil, fmt.Errorf("%w: unsupported version %d", ErrBadRequest, req.Version)
 	}
@@ -279,10 +284,16 @@ func ReadRequest(r io.Reader) (*RegisterRequest, error) {
 // ReadResponse decodes one register response from r. A response whose code
 // is not [ResponseOK] is returned with the matching error.
 func ReadResponse(r io.Reader) (*RegisterResponse, error) {
-	var resp RegisterResponse
-	if err := decode(r, &resp); err != nil {
+	var wire struct {
+		Version  uint8
+		Code     ResponseCode
+		Metadata metadata
+		Body     []byte
+	}
+	if err := decode(r, &wire); err != nil {
 		return nil, fmt.Errorf("decoding register response: %w", err)
 	}
+	resp := RegisterResponse{Version: wire.Version, Code: wire.Code, Metadata: wire.Metadata, Body: wire.Body}
 	switch resp.Code {
 	case ResponseOK:
 		return &resp, nil
@@ -295,6 +306,40 @@ func ReadResponse(r io.Reader) (*RegisterResponse, error) {
 	default:
 		return &resp, fmt.Errorf("register response: server error (code %d)", resp.Code)
 	}
+}
+
+// metadata decodes a metadata map without trusting the size it announces,
+// for which msgpack would set aside room (up to a million entries) before
+// reading any: a few bytes would cost the reader tens of MiB.
+type metadata map[string]string
+
+func (m *metadata) DecodeMsgpack(dec *msgpack.Decoder) error {
+	n, err := dec.DecodeMapLen()
+	if err != nil {
+		return err
+	}
+	if n < 0 {
+		*m = nil
+		return nil
+	}
+	// An entry takes two bytes at least.
+	if n > MaxMessageSize/2 {
+		return fmt.Errorf("metadata of %d entries", n)
+	}
+	mm := make(map[string]string, min(n, 16))
+	for range n {
+		k, err := dec.DecodeString()
+		if err != nil {
+			return err
+		}
+		v, err := dec.DecodeString()
+		if err != nil {
+			return err
+		}
+		mm[k] = v
+	}
+	*m = mm
+	return nil
 }
 
 func decode(r io.Reader, v any) error {

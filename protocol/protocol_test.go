@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
 	"strings"
 	"testing"
 
@@ -78,6 +79,29 @@ func TestReadRequestIsBounded(t *testing.T) {
 	in := io.MultiReader(bytes.NewReader([]byte("\x81\xa7Version\xdb\x7f\xff\xff\xff")), neverEnding('a'))
 	if _, err := ReadRequest(in); !errors.Is(err, ErrBadRequest) {
 		t.Fatalf("got %v, want ErrBadRequest", err)
+	}
+}
+
+// A few bytes announcing a huge metadata map cost the reader next to
+// nothing: msgpack would set aside room for a million entries (80 MiB)
+// before finding that none follow.
+func TestHugeMetadataCountIsNotPreallocated(t *testing.T) {
+	for name, read := range map[string]func(io.Reader) error{
+		"request":  func(r io.Reader) error { _, err := ReadRequest(r); return err },
+		"response": func(r io.Reader) error { _, err := ReadResponse(r); return err },
+	} {
+		t.Run(name, func(t *testing.T) {
+			msg := []byte("\x81\xa8Metadata\xdf\xff\xff\xff\xff") // map32 of 2^32-1 entries
+			var before, after runtime.MemStats
+			runtime.ReadMemStats(&before)
+			if err := read(bytes.NewReader(msg)); err == nil {
+				t.Fatal("accepted")
+			}
+			runtime.ReadMemStats(&after)
+			if grown := after.TotalAlloc - before.TotalAlloc; grown > 1<<20 {
+				t.Fatalf("%d bytes made the reader allocate %d KiB", len(msg), grown>>10)
+			}
+		})
 	}
 }
 
