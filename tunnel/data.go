@@ -61,7 +61,7 @@ func (s *Server) ServeData(ln net.Listener, config *tls.Config) error {
 			}
 			return fmt.Errorf("tunnel: accepting data connections: %w", err)
 		}
-		raw := &readBatcher{Conn: c, pool: &s.readBufs}
+		raw := newReadBatcher(c, &s.readBufs)
 		go s.handleData(tls.Server(raw, config), raw)
 	}
 }
@@ -507,10 +507,14 @@ var errHeaderTooLarge = errors.New("member's response header too large")
 // the socket holds at once: TLS asks for one record of at most 16 KiB at a
 // time, and on a bulk response each read would be a system call. The
 // buffer is borrowed from pool only while it holds data, so that idle
-// connections hold none.
+// connections hold none; where the socket can be read directly, it is
+// borrowed only once there is something to read, so that a connection
+// waiting for its peer (a hello not yet sent, a member thinking, a stream
+// between two events) holds none either.
 type readBatcher struct {
 	net.Conn
-	pool *sync.Pool // of *[]byte of readBatchSize
+	rc   syscall.RawConn // nil where the socket cannot be read directly
+	pool *sync.Pool      // of *[]byte of readBatchSize
 	buf  *[]byte
 	r, w int
 }
@@ -518,21 +522,34 @@ type readBatcher struct {
 // readBatchSize is the most read from a data connection at once.
 const readBatchSize = 256 << 10
 
+func newReadBatcher(c net.Conn, pool *sync.Pool) *readBatcher {
+	b := &readBatcher{Conn: c, pool: pool}
+	if sc, ok := c.(syscall.Conn); ok && canReadRaw {
+		if rc, err := sc.SyscallConn(); err == nil {
+			b.rc = rc
+		}
+	}
+	return b
+}
+
 func (b *readBatcher) Read(p []byte) (int, error) {
 	if b.buf == nil {
 		if len(p) >= readBatchSize {
 			return b.Conn.Read(p)
 		}
-		if buf, ok := b.pool.Get().(*[]byte); ok {
-			b.buf = buf
+		var n int
+		var err error
+		if b.rc != nil {
+			n, err = b.readRaw()
 		} else {
-			buf := make([]byte, readBatchSize)
-			b.buf = &buf
+			b.borrow()
+			n, err = b.Conn.Read(*b.buf)
 		}
-		n, err := b.Conn.Read(*b.buf)
 		b.r, b.w = 0, n
-		if n == 0 {
-			b.release()
+		if n <= 0 {
+			if b.buf != nil {
+				b.release()
+			}
 			return 0, err
 		}
 	}
@@ -542,6 +559,15 @@ func (b *readBatcher) Read(p []byte) (int, error) {
 		b.release()
 	}
 	return n, nil
+}
+
+func (b *readBatcher) borrow() {
+	if buf, ok := b.pool.Get().(*[]byte); ok {
+		b.buf = buf
+	} else {
+		buf := make([]byte, readBatchSize)
+		b.buf = &buf
+	}
 }
 
 func (b *readBatcher) release() {

@@ -99,6 +99,16 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, g *group) (stat
 			}
 			return s.proxyError(w, r, g, err), false
 		}
+		if res.StatusCode < 100 || res.StatusCode > 999 {
+			// HTTP/3 and HTTP/1.1 parsers let it through; net/http's
+			// WriteHeader would panic on it.
+			_ = res.Body.Close()
+			if stop != nil {
+				stop()
+			}
+			g.release(m)
+			return s.proxyError(w, r, g, fmt.Errorf("%w: %d", errBadStatus, res.StatusCode)), false
+		}
 		// A visitor who left as the answer came reads none of it.
 		left := ctx.Err()
 		if left == nil {
@@ -135,6 +145,8 @@ func flushSized(w http.ResponseWriter, arm func()) {
 }
 
 var errMemberGone = errors.New("member connection lost")
+
+var errBadStatus = errors.New("member answered with an invalid status code")
 
 // errNotSent marks a failure before the member can have seen the whole
 // request, which makes it safe to send again whatever its method.

@@ -35,6 +35,14 @@ func (s *Server) handle(conn *quic.Conn) {
 	s.Metrics.setMembers(g.name, g.size())
 	log.Info("member registered", "group", g.name, "members", g.size())
 	go s.control(stream, m, log.With("group", g.name))
+	go func() {
+		// A bidirectional stream from the member, the HTTP/3 server, is a
+		// connection error (RFC 9114 §6.1); left unaccepted, what it
+		// carries would sit in flow control for the member's life.
+		if str, err := conn.AcceptStream(conn.Context()); err == nil {
+			m.cc.HandleBidirectionalStream(str)
+		}
+	}()
 
 	s.watch(conn, keepAlive(req.Metadata[protocol.MetadataKeepAlive]))
 	if g.remove(m) {

@@ -1,0 +1,206 @@
+package tunnel_test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/tls"
+	"io"
+	"net"
+	"net/http"
+	"runtime"
+	"testing"
+	"time"
+
+	"github.com/quic-go/qpack"
+	"github.com/quic-go/quic-go"
+	"github.com/quic-go/quic-go/quicvarint"
+
+	"github.com/reverst-dev/reverst/protocol"
+	"github.com/reverst-dev/reverst/tunnel"
+)
+
+// heapInUse returns the live heap after a collection.
+func heapInUse() uint64 {
+	runtime.GC()
+	runtime.GC()
+	var ms runtime.MemStats
+	runtime.ReadMemStats(&ms)
+	return ms.HeapInuse
+}
+
+// TCP connections to the data port that never send a byte (no TLS, no
+// token: anyone can open them) hold no read batch while the handshake
+// waits.
+func TestSilentDataConnectionsHoldNoBuffer(t *testing.T) {
+	e := startServerWith(t, func(s *tunnel.Server) { s.RegisterTimeout = 5 * time.Second }, svc)
+	before := heapInUse()
+	const conns = 200
+	for range conns {
+		c, err := net.Dial("tcp", e.dataAddr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+	}
+	time.Sleep(500 * time.Millisecond)
+	grown := int64(heapInUse()) - int64(before)
+	t.Logf("heap grew by %d MiB for %d silent TCP connections", grown>>20, conns)
+	if grown > 16<<20 {
+		t.Fatalf("%d silent TCP connections to the data port hold %d MiB of the server's heap", conns, grown>>20)
+	}
+}
+
+// rawDataMember registers a hand-made member with one data connection,
+// on which answer writes the response to every request.
+func rawDataMember(t *testing.T, e *env, answer string) {
+	t.Helper()
+	_, resp := e.registerRawResp(t, "svc", map[string]string{protocol.MetadataData: protocol.DataHTTP1})
+	e.waitMembers(t, "svc", func(n int) bool { return n == 1 })
+	c, err := tls.Dial("tcp", e.dataAddr, &tls.Config{RootCAs: e.roots, ServerName: "localhost", NextProtos: []string{protocol.DataALPN}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if err := protocol.WriteDataHello(c, resp.Metadata[protocol.MetadataData]); err != nil {
+		t.Fatal(err)
+	}
+	var ok [1]byte
+	if _, err := io.ReadFull(c, ok[:]); err != nil || ok[0] != protocol.DataOK {
+		t.Fatalf("data hello: %v", err)
+	}
+	go func() {
+		br := bufio.NewReader(c)
+		for {
+			req, err := http.ReadRequest(br)
+			if err != nil {
+				return
+			}
+			io.Copy(io.Discard, req.Body)
+			io.WriteString(c, answer)
+		}
+	}()
+	deadline := time.Now().Add(5 * time.Second)
+	for n := e.dataConns("svc"); len(n) != 1 || n[0] != 1; n = e.dataConns("svc") {
+		if time.Now().After(deadline) {
+			t.Fatalf("data connections: %v", n)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// rawH3Member registers a hand-made member on QUIC only that answers every
+// request stream with one HEADERS frame carrying status.
+func rawH3Member(t *testing.T, e *env, status string) {
+	t.Helper()
+	conn, _ := e.registerRawResp(t, "svc", nil)
+	e.waitMembers(t, "svc", func(n int) bool { return n == 1 })
+	var block bytes.Buffer
+	enc := qpack.NewEncoder(&block)
+	enc.WriteField(qpack.HeaderField{Name: ":status", Value: status})
+	enc.WriteField(qpack.HeaderField{Name: "content-length", Value: "0"})
+	frame := quicvarint.Append(nil, 0x1) // HEADERS
+	frame = quicvarint.Append(frame, uint64(block.Len()))
+	frame = append(frame, block.Bytes()...)
+	go func() {
+		for {
+			str, err := conn.AcceptStream(context.Background())
+			if err != nil {
+				return
+			}
+			go func() {
+				time.Sleep(50 * time.Millisecond) // the request's HEADERS
+				str.Write(frame)
+				str.Close()
+			}()
+		}
+	}()
+}
+
+// registerRawResp is registerRaw that keeps the data token of the answer.
+func (e *env) registerRawResp(t *testing.T, group string, md map[string]string) (*quic.Conn, *protocol.RegisterResponse) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	conn, err := quic.DialAddr(ctx, e.addr, e.clientTLS(), &quic.Config{MaxIdleTimeout: 10 * time.Second, KeepAlivePeriod: time.Second})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.CloseWithError(0, "") })
+	str, err := conn.OpenStreamSync(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := protocol.WriteRequest(str, &protocol.RegisterRequest{Version: 1, TunnelGroup: group, Metadata: md}); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := protocol.ReadResponse(str)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return conn, resp
+}
+
+// A member answering with a status net/http cannot write (000-099 on a
+// data connection; 0, negative or over 999 on HTTP/3) gets its visitor a
+// 502, and its slot back; WriteHeader would panic on the status.
+func TestInvalidStatusFromMember(t *testing.T) {
+	check := func(t *testing.T, e *env) {
+		req, _ := http.NewRequest(http.MethodGet, e.frontend+"/", nil)
+		req.Host = "svc.example"
+		res, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Errorf("visitor got %v, want a 502", err)
+		} else {
+			res.Body.Close()
+			if res.StatusCode != http.StatusBadGateway {
+				t.Errorf("visitor got %d, want 502", res.StatusCode)
+			}
+		}
+		time.Sleep(100 * time.Millisecond)
+		if n := inFlight(e.srv); n != 0 {
+			t.Errorf("%d requests still in flight on the member after the answer", n)
+		}
+	}
+	t.Run("data", func(t *testing.T) {
+		e := startServer(t, svc)
+		rawDataMember(t, e, "HTTP/1.1 000 Zero\r\nContent-Length: 0\r\n\r\n")
+		check(t, e)
+	})
+	for _, status := range []string{"0", "-1", "1000"} {
+		t.Run("quic "+status, func(t *testing.T) {
+			e := startServer(t, svc)
+			rawH3Member(t, e, status)
+			check(t, e)
+		})
+	}
+}
+
+// A member that opens a bidirectional stream towards the server, which
+// HTTP/3 forbids, is closed, rather than have what the stream carries kept
+// unread (up to 768 KiB) for the life of its registration.
+func TestMemberStreamsTowardsServerRefused(t *testing.T) {
+	e := startServer(t, svc)
+	conn, _ := e.registerRawResp(t, "svc", nil)
+	str, err := conn.OpenStream()
+	if err != nil {
+		t.Fatal(err)
+	}
+	written := make(chan error, 1)
+	go func() {
+		chunk := make([]byte, 16<<10)
+		for {
+			if _, err := str.Write(chunk); err != nil {
+				written <- err
+				return
+			}
+		}
+	}()
+	select {
+	case err := <-written:
+		t.Logf("refused: %v", err) // reset, or the connection closed
+	case <-time.After(3 * time.Second):
+		t.Fatalf("after 3 s the server neither reset the member's stream nor closed its connection; it holds %d KiB of it unread",
+			conn.ConnectionStats().BytesSent>>10)
+	}
+}
