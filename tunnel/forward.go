@@ -12,6 +12,7 @@ import (
 	"net/textproto"
 	"net/url"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -36,6 +37,18 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, g *group) (stat
 	s.proxyOnce.Do(s.initProxy)
 	ctx := r.Context()
 	out := s.outgoing(r)
+	if b, ok := out.Body.(*handlerBody); ok {
+		b.ctl = http.NewResponseController(w)
+		b.timeout = s.ReceiveTimeout
+		if b.timeout <= 0 {
+			b.timeout = DefaultReceiveTimeout
+		}
+		// net/http lists the announced trailers as keys of r.Trailer
+		// before the body is read.
+		for k := range r.Trailer {
+			b.announced = append(b.announced, k)
+		}
+	}
 	if out.Body != nil {
 		// The transport may read on after this handler has returned.
 		defer out.Body.Close()
@@ -449,7 +462,7 @@ func (s *Server) outgoing(r *http.Request) *http.Request {
 		Host:       r.Host,
 	}
 	if r.ContentLength != 0 && r.Body != nil && r.Body != http.NoBody {
-		out.Body = &handlerBody{r: r.Body}
+		out.Body = &handlerBody{r: r.Body, trailer: r.Trailer}
 		out.ContentLength = r.ContentLength
 		// The map is r's own: the server fills in the values once the
 		// body has been read, which is when the transport sends them.
@@ -573,16 +586,61 @@ func isHex(c byte) bool {
 type handlerBody struct {
 	r      io.ReadCloser
 	closed atomic.Bool
+	// Each read gets the ReceiveTimeout; the deadline is lifted at the end
+	// of the body, so that it cannot cut the response.
+	mu        sync.Mutex // ctl is used only before Close
+	ctl       *http.ResponseController
+	timeout   time.Duration
+	trailer   http.Header
+	announced []string
 }
 
 func (b *handlerBody) Read(p []byte) (int, error) {
-	if b.closed.Load() {
+	if !b.deadline(time.Now().Add(b.timeout)) {
 		return 0, errBodyClosed
 	}
-	return b.r.Read(p)
+	n, err := b.r.Read(p)
+	if err != nil {
+		b.deadline(time.Time{})
+	}
+	if err == io.EOF && b.trailer != nil {
+		filterTrailer(b.trailer, b.announced)
+	}
+	return n, err
+}
+
+// deadline sets the visitor's read deadline to t unless the body is
+// closed: the handler has returned then, or is about to, and its
+// ResponseWriter is no longer to be used.
+func (b *handlerBody) deadline(t time.Time) bool {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.closed.Load() {
+		return false
+	}
+	if b.ctl != nil {
+		_ = b.ctl.SetReadDeadline(t)
+	}
+	return true
+}
+
+// filterTrailer keeps the trailer fields the visitor announced and that
+// may be sent in trailers (RFC 9110 §6.5.1).
+func filterTrailer(t http.Header, announced []string) {
+	ok := map[string]bool{}
+	for _, k := range announced {
+		ok[k] = true
+	}
+	for k := range t {
+		if !ok[k] || !httpguts.ValidTrailerHeader(k) || strings.HasPrefix(k, "X-Forwarded-") || k == "Forwarded" {
+			delete(t, k)
+		}
+	}
 }
 
 func (b *handlerBody) Close() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
 	b.closed.Store(true)
 	return nil
 }

@@ -10,6 +10,7 @@ import (
 	"time"
 
 	"github.com/quic-go/quic-go/http3"
+	"golang.org/x/net/http/httpguts"
 
 	"github.com/reverst-dev/reverst/groups"
 )
@@ -52,6 +53,13 @@ func (s *Server) maxResponseHeaderBytes() int {
 // 502, a group without members 503, each with a short text body.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
+	if !httpguts.ValidHostHeader(r.Host) {
+		// An absolute-form target is not checked by net/http as a Host
+		// header is.
+		s.Metrics.request("", http.StatusBadRequest, time.Since(start))
+		textError(w, "reverst: invalid host\n", http.StatusBadRequest)
+		return
+	}
 	g := s.table.Load().lookupHost(groups.NormalizeHost(s.routingHost(r)))
 	if g == nil {
 		s.Metrics.request("", http.StatusBadGateway, time.Since(start))

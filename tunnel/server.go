@@ -35,6 +35,9 @@ const DefaultMaxResponseHeaderBytes = 10 << 20
 // DefaultSendTimeout is Server.SendTimeout when zero.
 const DefaultSendTimeout = time.Minute
 
+// DefaultReceiveTimeout is Server.ReceiveTimeout when zero.
+const DefaultReceiveTimeout = time.Minute
+
 // DefaultRegisterTimeout bounds the wait for a client's register request.
 const DefaultRegisterTimeout = 5 * time.Second
 
@@ -80,6 +83,10 @@ type Server struct {
 	// visitor that stops reading would otherwise hold its member's request
 	// slot and data connection for good.
 	SendTimeout time.Duration
+	// ReceiveTimeout is the longest a read of a visitor's request body may
+	// wait, as nginx's client_body_timeout; zero means
+	// DefaultReceiveTimeout.
+	ReceiveTimeout time.Duration
 
 	table atomic.Pointer[table]
 
