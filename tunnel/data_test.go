@@ -646,11 +646,7 @@ func TestConnectBodySmuggling(t *testing.T) {
 			}
 			io.WriteString(w, "for "+r.URL.Path)
 		}))
-		c, err := net.Dial("tcp", strings.TrimPrefix(e.frontend, "http://"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
+		c := e.dialFrontend(t)
 		fmt.Fprintf(c, "CONNECT svc.example:80 HTTP/1.1\r\nHost: svc.example:80\r\nTransfer-Encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n", len(smuggled), smuggled)
 		res, err := http.ReadResponse(bufio.NewReader(c), &http.Request{Method: http.MethodConnect})
 		if err != nil {
@@ -706,11 +702,7 @@ func TestNo1xxToHTTP10Visitor(t *testing.T) {
 			w.WriteHeader(http.StatusEarlyHints)
 			io.WriteString(w, "final")
 		}))
-		c, err := net.Dial("tcp", strings.TrimPrefix(e.frontend, "http://"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
+		c := e.dialFrontend(t)
 		io.WriteString(c, "GET / HTTP/1.0\r\nHost: svc.example\r\n\r\n")
 		res, err := http.ReadResponse(bufio.NewReader(c), nil)
 		if err != nil {
@@ -852,11 +844,7 @@ func TestEarlyAnswerToStalledUploadFreesSlot(t *testing.T) {
 			}
 			io.WriteString(w, "ok")
 		}))
-		c, err := net.Dial("tcp", strings.TrimPrefix(e.frontend, "http://"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
+		c := e.dialFrontend(t)
 		// 1 MiB announced, 1 KiB sent, then nothing.
 		io.WriteString(c, "POST /upload HTTP/1.1\r\nHost: svc.example\r\nContent-Length: 1048576\r\n\r\n"+strings.Repeat("x", 1024))
 		time.Sleep(500 * time.Millisecond)

@@ -636,11 +636,7 @@ func TestVisitorThatStopsReading(t *testing.T) {
 			}
 		}
 	}))
-	c, err := net.Dial("tcp", strings.TrimPrefix(e.frontend, "http://"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := e.dialFrontend(t)
 	_ = c.(*net.TCPConn).SetReadBuffer(4 << 10)
 	io.WriteString(c, "GET /endless HTTP/1.1\r\nHost: svc.example\r\n\r\n")
 	if _, err := http.ReadResponse(bufio.NewReader(c), nil); err != nil {

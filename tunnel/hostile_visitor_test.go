@@ -10,13 +10,14 @@ import (
 	"golang.org/x/net/http2/hpack"
 
 	"fmt"
-	"github.com/reverst-dev/reverst/tunnel"
 	"io"
 	"net"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/reverst-dev/reverst/tunnel"
 )
 
 // A few hundred visitors that each announce a body and never send it do
@@ -75,11 +76,7 @@ func TestPipelinedBodies(t *testing.T) {
 			b, _ := io.ReadAll(r.Body)
 			fmt.Fprintf(w, "%s %s body=%q te=%q", r.Method, r.URL.Path, b, r.TransferEncoding)
 		}))
-		c, err := net.Dial("tcp", strings.TrimPrefix(e.frontend, "http://"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
+		c := e.dialFrontend(t)
 		reqs := "POST /a HTTP/1.1\r\nHost: svc.example\r\nContent-Length: 5\r\n\r\nhello" +
 			"POST /b HTTP/1.1\r\nHost: svc.example\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n" +
 			"POST /c HTTP/1.1\r\nHost: svc.example\r\nExpect: 100-continue\r\nContent-Length: 2\r\n\r\nzz" +
@@ -121,11 +118,7 @@ func TestForbiddenTrailersNotForwarded(t *testing.T) {
 			got <- r.Trailer
 			io.WriteString(w, "ok")
 		}))
-		c, err := net.Dial("tcp", strings.TrimPrefix(e.frontend, "http://"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
+		c := e.dialFrontend(t)
 		io.WriteString(c, "POST /t HTTP/1.1\r\nHost: svc.example\r\nTrailer: X-Sum\r\nTransfer-Encoding: chunked\r\n\r\n"+
 			"3\r\nabc\r\n0\r\nX-Sum: 1\r\nHost: evil.example\r\nContent-Length: 99\r\nTransfer-Encoding: chunked\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n")
 		res, err := http.ReadResponse(bufio.NewReader(c), nil)
@@ -155,11 +148,7 @@ func TestAbsoluteFormHostMatchesRouting(t *testing.T) {
 		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			fmt.Fprintf(w, "host=%s xfh=%s", r.Host, r.Header.Get("X-Forwarded-Host"))
 		}))
-		c, err := net.Dial("tcp", strings.TrimPrefix(e.frontend, "http://"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer c.Close()
+		c := e.dialFrontend(t)
 		io.WriteString(c, "GET http://\uff53vc.example/ HTTP/1.1\r\nHost: svc.example\r\n\r\n")
 		res, err := http.ReadResponse(bufio.NewReader(c), nil)
 		if err != nil {

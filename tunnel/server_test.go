@@ -114,6 +114,18 @@ func (e *env) clientTLS() *tls.Config {
 }
 
 // get sends a request for host through the frontend.
+// dialFrontend opens a visitor's TCP connection to the frontend, for
+// requests written by hand; it is closed when the test ends.
+func (e *env) dialFrontend(t testing.TB) net.Conn {
+	t.Helper()
+	c, err := net.Dial("tcp", strings.TrimPrefix(e.frontend, "http://"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
 func (e *env) get(t testing.TB, host, path string) (int, string) {
 	t.Helper()
 	req, err := http.NewRequest(http.MethodGet, e.frontend+path, nil)

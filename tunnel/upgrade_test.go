@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -136,11 +135,7 @@ func TestRefusedUpgradeEndsConnection(t *testing.T) {
 		http.Error(w, "no websocket here", http.StatusBadRequest)
 	}))
 	e.serve(t, "b", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, "member of b") }))
-	c, err := net.Dial("tcp", strings.TrimPrefix(e.frontend, "http://"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := e.dialFrontend(t)
 	c.SetDeadline(time.Now().Add(5 * time.Second))
 	br := bufio.NewReader(c)
 	io.WriteString(c, "GET /ws HTTP/1.1\r\nHost: a.example\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
@@ -220,10 +215,7 @@ func TestVisitorLeavesBeforeUpgradeAnswer(t *testing.T) {
 		case <-time.After(10 * time.Second):
 		}
 	}))
-	c, err := net.Dial("tcp", strings.TrimPrefix(e.frontend, "http://"))
-	if err != nil {
-		t.Fatal(err)
-	}
+	c := e.dialFrontend(t)
 	io.WriteString(c, "GET /poll HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
 	time.Sleep(300 * time.Millisecond)
 	c.Close()
@@ -272,11 +264,7 @@ func TestUpgradeWithBody(t *testing.T) {
 		w.WriteHeader(http.StatusForbidden)
 		io.WriteString(w, "got "+string(b))
 	}))
-	c, err := net.Dial("tcp", strings.TrimPrefix(e.frontend, "http://"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	c := e.dialFrontend(t)
 	io.WriteString(c, "POST /x HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nContent-Length: 5\r\n\r\nhello")
 	c.SetReadDeadline(time.Now().Add(5 * time.Second))
 	res, err := http.ReadResponse(bufio.NewReader(c), nil)
