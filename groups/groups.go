@@ -231,10 +231,16 @@ func (c *Config) Names() []string {
 // are one host.
 func NormalizeHost(host string) string {
 	host = strings.TrimSpace(host)
+	bracketed := strings.HasPrefix(host, "[")
 	if h, _, err := net.SplitHostPort(host); err == nil {
 		host = h
-	} else if strings.HasPrefix(host, "[") && strings.HasSuffix(host, "]") {
+	} else if bracketed && strings.HasSuffix(host, "]") {
 		host = host[1 : len(host)-1]
+	}
+	if bracketed && net.ParseIP(host) == nil {
+		// Only an IP literal goes in brackets: "[svc.example]" is no
+		// name of svc.example's.
+		return "[" + strings.ToLower(host) + "]"
 	}
 	host = strings.ToLower(strings.TrimSuffix(host, "."))
 	if !isASCII(host) {

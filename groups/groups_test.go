@@ -82,6 +82,8 @@ func TestNormalizeHost(t *testing.T) {
 		" x ":              "x",
 		"Bücher.Example":   "xn--bcher-kva.example",
 		"*.Example.com":    "*.example.com",
+		"[svc.example]":    "[svc.example]",
+		"[svc.example]:80": "[svc.example]",
 	} {
 		if got := NormalizeHost(in); got != want {
 			t.Errorf("NormalizeHost(%q) = %q, want %q", in, got, want)
