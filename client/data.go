@@ -50,11 +50,12 @@ type dataConns struct {
 	ln    *connListener
 	kick  chan struct{}
 
-	mu    sync.Mutex
-	idle  int // idle or not yet used
-	open  int
-	short int // requests that came over QUIC, each owed a connection
-	state map[net.Conn]http.ConnState
+	mu     sync.Mutex
+	idle   int // idle or not yet used
+	open   int
+	short  int // requests that came over QUIC, each owed a connection
+	wasted int // connections in a row closed unused right after their dial
+	state  map[net.Conn]http.ConnState
 }
 
 func newDataConns(tc *tunnelConn, tlsConf *tls.Config, token string, pool *sync.Pool) *dataConns {
@@ -71,7 +72,7 @@ func newDataConns(tc *tunnelConn, tlsConf *tls.Config, token string, pool *sync.
 		state: map[net.Conn]http.ConnState{},
 	}
 	d.srv = &http.Server{
-		Handler:   tc,
+		Handler:   http.HandlerFunc(d.serveHTTP),
 		ConnState: d.track,
 		// No IdleTimeout: the tunnel server closes the connections it does
 		// not need, and an idle one here is a spare.
@@ -97,6 +98,12 @@ func (d *dataConns) run() {
 			return
 		}
 		for d.needed() {
+			d.mu.Lock()
+			wasted := d.wasted
+			d.mu.Unlock()
+			if wasted > 0 && !sleep(ctx, backoff(DefaultMinBackoff, DefaultMaxBackoff, wasted-1)) {
+				return
+			}
 			c, err := d.dial(ctx)
 			if err != nil {
 				if ctx.Err() != nil {
@@ -129,6 +136,17 @@ func (d *dataConns) run() {
 			}
 		}
 	}
+}
+
+// serveHTTP refuses upgrades on a data connection: they travel over QUIC
+// (see package protocol), and a hijacked connection would leave the
+// dataMax count while it lives on.
+func (d *dataConns) serveHTTP(w http.ResponseWriter, r *http.Request) {
+	if r.Method == http.MethodConnect || r.Header.Get("Upgrade") != "" {
+		http.Error(w, "upgrade on a data connection", http.StatusBadRequest)
+		return
+	}
+	d.tc.ServeHTTP(w, r)
 }
 
 // needed reports whether another connection should be dialled.
@@ -178,11 +196,23 @@ func (d *dataConns) track(c net.Conn, st http.ConnState) {
 			d.idle--
 		}
 		d.state[c] = st
-	case http.StateClosed, http.StateHijacked:
+		d.wasted = 0
+	case http.StateHijacked:
+		// Still open: it counts against dataMax until closed.
 		if wasIdle {
 			d.idle--
 		}
 		if known {
+			d.state[c] = st
+		}
+	case http.StateClosed:
+		if wasIdle {
+			d.idle--
+		}
+		if known {
+			if prev == http.StateNew && time.Since(c.(*batchedTLS).born) < DefaultMaxBackoff {
+				d.wasted++ // closed unused right after the dial
+			}
 			delete(d.state, c)
 			d.open--
 		}
@@ -192,6 +222,18 @@ func (d *dataConns) track(c net.Conn, st http.ConnState) {
 	if short {
 		d.wake()
 	}
+}
+
+// closed forgets a hijacked connection once closed.
+func (d *dataConns) closed(c net.Conn) {
+	d.mu.Lock()
+	st, known := d.state[c]
+	if known && st == http.StateHijacked {
+		delete(d.state, c)
+		d.open--
+	}
+	d.mu.Unlock()
+	d.wake()
 }
 
 // close closes every data connection at once.
@@ -223,7 +265,7 @@ func (d *dataConns) dial(ctx context.Context) (net.Conn, error) {
 		return nil, err
 	}
 	_ = tc.SetDeadline(time.Time{})
-	return &batchedTLS{Conn: tc, raw: cc}, nil
+	return &batchedTLS{Conn: tc, raw: cc, born: time.Now(), onClose: d.closed}, nil
 }
 
 func hello(c net.Conn, token string) error {
@@ -357,7 +399,20 @@ func (c *coalescingConn) flush() error {
 // writes leaves in one system call.
 type batchedTLS struct {
 	*tls.Conn
-	raw *coalescingConn
+	raw     *coalescingConn
+	born    time.Time
+	once    sync.Once
+	onClose func(net.Conn)
+}
+
+// Close lets a hijacked connection leave the count when its handler is
+// done with it.
+func (b *batchedTLS) Close() error {
+	err := b.Conn.Close()
+	if b.onClose != nil {
+		b.once.Do(func() { b.onClose(b) })
+	}
+	return err
 }
 
 func (b *batchedTLS) Write(p []byte) (int, error) {
