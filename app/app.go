@@ -122,7 +122,14 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 		return fmt.Errorf("--tunnel-address %q: %w", cfg.TunnelAddress, err)
 	}
 	defer dataLn.Close()
-	tr := &quic.Transport{Conn: udp, StatelessResetKey: resetKey}
+	tr := &quic.Transport{
+		Conn:              udp,
+		StatelessResetKey: resetKey,
+		// Source addresses are checked with a Retry before any handshake,
+		// and the registration rate limit applies then too.
+		VerifySourceAddress: srv.VerifySourceAddress,
+		ConnContext:         srv.ConnContext,
+	}
 	defer tr.Close()
 	ln, err := tr.Listen(&tls.Config{
 		Certificates: []tls.Certificate{cert},
@@ -132,6 +139,10 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	}, &quic.Config{
 		MaxIdleTimeout:  cfg.MaxIdleTimeout,
 		KeepAlivePeriod: cfg.KeepAlivePeriod,
+		// A client opens one bidirectional stream, the register stream;
+		// more would only let a connection not yet registered park data
+		// in flow-control windows.
+		MaxIncomingStreams: 1,
 	})
 	if err != nil {
 		return fmt.Errorf("--tunnel-address %q: %w", cfg.TunnelAddress, err)

@@ -659,7 +659,20 @@ func TestRegistrationRateLimit(t *testing.T) {
 	}, svc)
 	var limited int
 	for range 4 {
-		conn := e.dialRaw(t)
+		// Over its limit, a validated address is refused before the
+		// TLS handshake.
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		conn, err := quic.DialAddr(ctx, e.addr, e.clientTLS(), &quic.Config{})
+		cancel()
+		var te *quic.TransportError
+		if errors.As(err, &te) && te.ErrorCode == quic.ConnectionRefused {
+			limited++
+			continue
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer conn.CloseWithError(0, "")
 		str, err := conn.OpenStreamSync(context.Background())
 		if err != nil {
 			t.Fatal(err)

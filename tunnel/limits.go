@@ -9,8 +9,40 @@ import (
 	"time"
 
 	"github.com/hashicorp/golang-lru/v2/expirable"
+	"github.com/quic-go/quic-go"
 	"golang.org/x/time/rate"
 )
+
+// VerifySourceAddress is for quic.Transport.VerifySourceAddress: every new
+// connection without a valid address token first proves its source
+// address with a Retry (one round trip; registrations are rare). A flood of
+// Initial packets, spoofed or not, then costs one stateless Retry packet
+// each: no TLS handshake, no connection state, no goroutine.
+func (s *Server) VerifySourceAddress(net.Addr) bool { return true }
+
+// admittedKey marks a connection whose registration was counted before its
+// handshake by ConnContext.
+type admittedKey struct{}
+
+var errRateLimited = errors.New("tunnel: too many registrations")
+
+// ConnContext is for quic.Transport.ConnContext: it applies
+// RegistrationRate to validated source addresses before the TLS
+// handshake, so that an address over its limit costs a CONNECTION_REFUSED
+// packet rather than a handshake. Connections whose address is not
+// validated (no VerifySourceAddress) are limited by Serve after the
+// handshake, as before: an unvalidated address may be spoofed, and must
+// not spend a real client's budget.
+func (s *Server) ConnContext(ctx context.Context, info *quic.ClientInfo) (context.Context, error) {
+	if s.RegistrationRate <= 0 || !info.AddrVerified {
+		return ctx, nil
+	}
+	if !s.allowAddr(info.RemoteAddr) {
+		s.Metrics.registration("", "rate_limited")
+		return nil, errRateLimited
+	}
+	return context.WithValue(ctx, admittedKey{}, true), nil
+}
 
 // DefaultQueueTimeout is how long a request waits for a member below
 // MaxRequestsPerMember before it is answered 503.

@@ -15,6 +15,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
 	"slices"
 	"strings"
 	"sync"
@@ -188,7 +189,7 @@ func (s *Server) Serve(ln *quic.Listener) error {
 			}
 			return fmt.Errorf("tunnel: accepting connections: %w", err)
 		}
-		if !s.allowRegistration(conn) {
+		if conn.Context().Value(admittedKey{}) == nil && !s.allowAddr(conn.RemoteAddr()) {
 			s.Metrics.registration("", "rate_limited")
 			_ = conn.CloseWithError(protocol.CodeServerError, "too many registrations")
 			continue
@@ -201,12 +202,12 @@ func (s *Server) Serve(ln *quic.Listener) error {
 	}
 }
 
-func (s *Server) allowRegistration(conn *quic.Conn) bool {
+func (s *Server) allowAddr(addr net.Addr) bool {
 	if s.RegistrationRate <= 0 {
 		return true
 	}
 	s.limiterOnce.Do(func() { s.limiter = newRegistrationLimiter(s.RegistrationRate, s.RegistrationBurst) })
-	return s.limiter.allow(conn.RemoteAddr())
+	return s.limiter.allow(addr)
 }
 
 func (s *Server) isClosed() bool {

@@ -63,7 +63,9 @@ func startServerData(t testing.TB, samePort bool, configure func(*tunnel.Server)
 			t.Fatal(err)
 		}
 	}
-	tr := &quic.Transport{Conn: udp}
+	srv := &tunnel.Server{RegisterTimeout: 500 * time.Millisecond, DataConnections: true}
+	configure(srv)
+	tr := &quic.Transport{Conn: udp, VerifySourceAddress: srv.VerifySourceAddress, ConnContext: srv.ConnContext}
 	ln, err := tr.Listen(&tls.Config{
 		Certificates: []tls.Certificate{pki.Cert},
 		NextProtos:   []string{protocol.ALPN},
@@ -72,8 +74,6 @@ func startServerData(t testing.TB, samePort bool, configure func(*tunnel.Server)
 	if err != nil {
 		t.Fatal(err)
 	}
-	srv := &tunnel.Server{RegisterTimeout: 500 * time.Millisecond, DataConnections: true}
-	configure(srv)
 	if err := srv.SetGroups(defs); err != nil {
 		t.Fatal(err)
 	}
