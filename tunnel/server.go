@@ -179,7 +179,10 @@ func (s *Server) SetGroups(defs []Group) error {
 // Serve accepts tunnel connections from ln and registers them, each in its
 // own goroutine, until ln fails or the server is shut down. It always
 // returns a non-nil error; after Shutdown or Close it is ErrServerClosed.
-// The caller keeps ownership of ln and closes it.
+// The caller keeps ownership of ln and closes it. ln's quic.Transport
+// should take VerifySourceAddress and ConnContext from s, so that new
+// connections prove their address before a handshake and the registration
+// rate limit applies before it too.
 func (s *Server) Serve(ln *quic.Listener) error {
 	for {
 		conn, err := ln.Accept(context.Background())
