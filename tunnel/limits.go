@@ -105,7 +105,8 @@ func (s *Server) take(m *member) bool {
 	return false
 }
 
-// registrationLimiter throttles registrations per remote IP address, so
+// registrationLimiter throttles registrations per remote IP address (per
+// /64 for IPv6), so
 // that one misbehaving client cannot keep the server busy with TLS
 // handshakes and authentication calls. Addresses are forgotten after a
 // while of silence; the table is bounded.
@@ -133,6 +134,10 @@ func (l *registrationLimiter) allow(addr net.Addr) bool {
 		return true
 	}
 	ip := ap.Addr().Unmap()
+	if ip.Is6() {
+		// One IPv6 host commonly holds a whole /64.
+		ip = netip.PrefixFrom(ip, 64).Masked().Addr()
+	}
 	l.mu.Lock()
 	lim, ok := l.limiters.Get(ip)
 	if !ok {
