@@ -128,13 +128,12 @@ func TestHostileDataConnClosedAfterHello(t *testing.T) {
 	}
 }
 
-// A server that sends an Upgrade request on every data connection, where
-// upgrades have no place, gets 400; a connection a handler hijacks anyway
-// still counts against dataMax (128) until closed, or the client would
-// dial without bound.
-func TestHostileUpgradeOnDataConnUnbounded(t *testing.T) {
-	var open atomic.Int64 // upgraded data connections still open, server side
-	hs := newHostileServer(t, func(c *tls.Conn) {
+// newUpgradingServer is a hostile server that sends an Upgrade request on
+// every data connection and keeps those the client upgrades open; open
+// counts them.
+func newUpgradingServer(t *testing.T) (hs *hostileServer, open *atomic.Int64) {
+	open = new(atomic.Int64)
+	hs = newHostileServer(t, func(c *tls.Conn) {
 		_, _ = io.WriteString(c, "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
 		br := bufio.NewReader(c)
 		line, _ := br.ReadString('\n')
@@ -142,11 +141,19 @@ func TestHostileUpgradeOnDataConnUnbounded(t *testing.T) {
 			_ = c.Close()
 			return
 		}
-		// Keep it open: an upgraded connection that lives on.
 		open.Add(1)
 		defer open.Add(-1)
 		_, _ = io.Copy(io.Discard, br)
 	})
+	return hs, open
+}
+
+// A server that sends an Upgrade request on every data connection, where
+// upgrades have no place, gets 400; a connection a handler hijacks anyway
+// still counts against dataMax (128) until closed, or the client would
+// dial without bound.
+func TestHostileUpgradeOnDataConnUnbounded(t *testing.T) {
+	hs, open := newUpgradingServer(t)
 	h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		if r.Header.Get("Upgrade") == "" {
 			return
@@ -208,19 +215,7 @@ func TestHostileAcceptThenClose(t *testing.T) {
 // connection the server upgrades also holds a connection to the local
 // service, and they outlive the tunnel connection they came with.
 func TestHostileUpgradeOnDataConnReverseProxy(t *testing.T) {
-	var open atomic.Int64 // upgraded data connections still open, server side
-	hs := newHostileServer(t, func(c *tls.Conn) {
-		_, _ = io.WriteString(c, "GET /ws HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
-		br := bufio.NewReader(c)
-		line, _ := br.ReadString('\n')
-		if !strings.Contains(line, "101") {
-			_ = c.Close()
-			return
-		}
-		open.Add(1)
-		defer open.Add(-1)
-		_, _ = io.Copy(io.Discard, br)
-	})
+	hs, open := newUpgradingServer(t)
 	var localConns atomic.Int64
 	local, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
