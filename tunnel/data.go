@@ -181,16 +181,11 @@ func (dc *dataConn) stale() bool {
 	if dc.raw.buf != nil {
 		return true
 	}
-	sc, ok := dc.raw.Conn.(syscall.Conn)
-	if !ok {
-		return false
-	}
-	rc, err := sc.SyscallConn()
-	if err != nil {
-		return true
+	if dc.raw.rc == nil {
+		return false // the retry of replayable requests still covers it
 	}
 	var closed bool
-	if err := rc.Read(func(fd uintptr) bool {
+	if err := dc.raw.rc.Read(func(fd uintptr) bool {
 		closed = peekClosed(fd)
 		return true // never wait
 	}); err != nil {

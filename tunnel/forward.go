@@ -5,12 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"mime"
 	"net"
 	"net/http"
 	"net/http/httptrace"
 	"net/textproto"
 	"net/url"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -42,11 +44,6 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, g *group) (stat
 		b.timeout = s.ReceiveTimeout
 		if b.timeout <= 0 {
 			b.timeout = DefaultReceiveTimeout
-		}
-		// net/http lists the announced trailers as keys of r.Trailer
-		// before the body is read.
-		for k := range r.Trailer {
-			b.announced = append(b.announced, k)
 		}
 	}
 	if out.Body != nil {
@@ -462,7 +459,9 @@ func (s *Server) outgoing(r *http.Request) *http.Request {
 		Host:       r.Host,
 	}
 	if r.ContentLength != 0 && r.Body != nil && r.Body != http.NoBody {
-		out.Body = &handlerBody{r: r.Body, trailer: r.Trailer}
+		// net/http lists the announced trailers as keys of r.Trailer
+		// before the body is read.
+		out.Body = &handlerBody{r: r.Body, trailer: r.Trailer, announced: slices.Collect(maps.Keys(r.Trailer))}
 		out.ContentLength = r.ContentLength
 		// The map is r's own: the server fills in the values once the
 		// body has been read, which is when the transport sends them.
