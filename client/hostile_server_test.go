@@ -96,15 +96,21 @@ func newHostileServer(t *testing.T, onData func(c *tls.Conn)) *hostileServer {
 	return hs
 }
 
-func hostileClient(t *testing.T, hs *hostileServer, h http.Handler) *client.Server {
-	pkiPool := func() *tls.Config {
-		return &tls.Config{InsecureSkipVerify: true} // as with --insecure; the threat is the server anyway
-	}
-	return &client.Server{
+// serveHostile serves h through hs, as a client that trusts any
+// certificate (as with --insecure; the threat is the server anyway), until
+// the test ends, and waits for its registration.
+func serveHostile(t *testing.T, hs *hostileServer, h http.Handler) {
+	t.Helper()
+	serve(t, &client.Server{
 		TunnelGroup: testGroup,
 		Handler:     h,
-		TLSConfig:   pkiPool(),
+		TLSConfig:   &tls.Config{InsecureSkipVerify: true},
 		Logger:      slog.New(slog.DiscardHandler),
+	}, hs.addr)
+	select {
+	case <-hs.members:
+	case <-time.After(waitTimeout):
+		t.Fatal("no registration")
 	}
 }
 
@@ -113,13 +119,7 @@ func hostileClient(t *testing.T, hs *hostileServer, h http.Handler) *client.Serv
 // tight loop: each round is a TCP connect and a TLS handshake.
 func TestHostileDataConnClosedAfterHello(t *testing.T) {
 	hs := newHostileServer(t, func(c *tls.Conn) { _ = c.Close() })
-	srv := hostileClient(t, hs, testHandler())
-	serve(t, srv, hs.addr)
-	select {
-	case <-hs.members:
-	case <-time.After(waitTimeout):
-		t.Fatal("no registration")
-	}
+	serveHostile(t, hs, testHandler())
 	time.Sleep(2 * time.Second)
 	n := hs.dials.Load()
 	t.Logf("data connections dialled in ~2s: %d", n)
@@ -167,13 +167,7 @@ func TestHostileUpgradeOnDataConnUnbounded(t *testing.T) {
 		_ = brw.Flush()
 		go func() { _, _ = io.Copy(io.Discard, conn); _ = conn.Close() }()
 	})
-	srv := hostileClient(t, hs, h)
-	serve(t, srv, hs.addr)
-	select {
-	case <-hs.members:
-	case <-time.After(waitTimeout):
-		t.Fatal("no registration")
-	}
+	serveHostile(t, hs, h)
 	time.Sleep(3 * time.Second)
 	t.Logf("data connections dialled: %d, upgraded and still open: %d", hs.dials.Load(), open.Load())
 	if n := open.Load(); n > 128 {
@@ -244,16 +238,8 @@ func TestHostileUpgradeOnDataConnReverseProxy(t *testing.T) {
 	}()
 	target, _ := url.Parse("http://" + local.Addr().String())
 	proxy := &httputil.ReverseProxy{Rewrite: func(pr *httputil.ProxyRequest) { pr.SetURL(target); pr.Out.Host = pr.In.Host }}
-	srv := hostileClient(t, hs, proxy)
-	serve(t, srv, hs.addr)
-	var m *member
-	select {
-	case m = <-hs.members:
-	case <-time.After(waitTimeout):
-		t.Fatal("no registration")
-	}
+	serveHostile(t, hs, proxy)
 	time.Sleep(3 * time.Second)
-	_ = m
 	t.Logf("data connections: %d, upgraded and open: %d, connections to the local service: %d", hs.dials.Load(), open.Load(), localConns.Load())
 	if localConns.Load() > 128 {
 		t.Fatalf("unbounded: %d connections to the local service, each with an upgraded data connection", localConns.Load())

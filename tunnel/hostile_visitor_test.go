@@ -20,6 +20,19 @@ import (
 	"github.com/reverst-dev/reverst/tunnel"
 )
 
+// startUploadServer serves group svc with a member that reads each upload
+// whole and answers "ok PATH", on a server whose ReceiveTimeout is a
+// second.
+func startUploadServer(t *testing.T, quicOnly bool) *env {
+	e := startServerWith(t, func(s *tunnel.Server) { s.ReceiveTimeout = time.Second }, svc)
+	e.quicOnly = quicOnly
+	e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.Copy(io.Discard, r.Body)
+		io.WriteString(w, "ok "+r.URL.Path)
+	}))
+	return e
+}
+
 // A few hundred visitors that each announce a body and never send it do
 // not shut a member that reads its uploads off from everyone: each would
 // hold one of its QUIC streams (quic-go lets a peer open 100) or data
@@ -27,12 +40,7 @@ import (
 // ReceiveTimeout.
 func TestStalledUploadsDoNotShutMemberOff(t *testing.T) {
 	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServerWith(t, func(s *tunnel.Server) { s.ReceiveTimeout = time.Second }, svc)
-		e.quicOnly = quicOnly
-		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			_, _ = io.Copy(io.Discard, r.Body)
-			io.WriteString(w, "ok "+r.URL.Path)
-		}))
+		e := startUploadServer(t, quicOnly)
 		addr := strings.TrimPrefix(e.frontend, "http://")
 		n := 110
 		if !quicOnly {
@@ -277,12 +285,7 @@ func TestH2AuthorityVsHost(t *testing.T) {
 // sends none; Go's HTTP/2 server lets a visitor open 250 at once.
 func TestStalledUploadsOverOneH2Connection(t *testing.T) {
 	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServerWith(t, func(s *tunnel.Server) { s.ReceiveTimeout = time.Second }, svc)
-		e.quicOnly = quicOnly
-		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-			_, _ = io.Copy(io.Discard, r.Body)
-			io.WriteString(w, "ok")
-		}))
+		e := startUploadServer(t, quicOnly)
 		addr := h2frontend(t, e)
 		h := dialH2(t, addr)
 		for i := range 250 {
