@@ -3,7 +3,6 @@ package tunnel_test
 import (
 	"bufio"
 	"bytes"
-	"context"
 	"crypto/rand"
 	"crypto/sha256"
 	"crypto/tls"
@@ -748,25 +747,7 @@ func (c *holdConn) release() error {
 // read batch sees them.
 func TestUnaskedBytesInTLSBufferNotReused(t *testing.T) {
 	e := startServer(t, svc)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	conn, err := quic.DialAddr(ctx, e.addr, e.clientTLS(), &quic.Config{MaxIdleTimeout: 10 * time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.CloseWithError(0, "")
-	str, err := conn.OpenStreamSync(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := protocol.WriteRequest(str, &protocol.RegisterRequest{Version: 1, TunnelGroup: "svc",
-		Metadata: map[string]string{protocol.MetadataData: protocol.DataHTTP1}}); err != nil {
-		t.Fatal(err)
-	}
-	resp, err := protocol.ReadResponse(str)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, _, resp := e.registerRaw(t, "svc", map[string]string{protocol.MetadataData: protocol.DataHTTP1}, &quic.Config{MaxIdleTimeout: 10 * time.Second})
 	token := resp.Metadata[protocol.MetadataData]
 	if token == "" {
 		t.Fatal("no data token")

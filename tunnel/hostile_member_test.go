@@ -55,7 +55,7 @@ func TestSilentDataConnectionsHoldNoBuffer(t *testing.T) {
 // on which answer writes the response to every request.
 func rawDataMember(t *testing.T, e *env, answer string) {
 	t.Helper()
-	_, resp := e.registerRawResp(t, "svc", map[string]string{protocol.MetadataData: protocol.DataHTTP1})
+	_, _, resp := e.registerRaw(t, "svc", map[string]string{protocol.MetadataData: protocol.DataHTTP1}, &quic.Config{MaxIdleTimeout: 10 * time.Second, KeepAlivePeriod: time.Second})
 	e.waitMembers(t, "svc", func(n int) bool { return n == 1 })
 	c, err := tls.Dial("tcp", e.dataAddr, &tls.Config{RootCAs: e.roots, ServerName: "localhost", NextProtos: []string{protocol.DataALPN}})
 	if err != nil {
@@ -93,7 +93,7 @@ func rawDataMember(t *testing.T, e *env, answer string) {
 // request stream with one HEADERS frame carrying status.
 func rawH3Member(t *testing.T, e *env, status string) {
 	t.Helper()
-	conn, _ := e.registerRawResp(t, "svc", nil)
+	conn, _, _ := e.registerRaw(t, "svc", nil, &quic.Config{MaxIdleTimeout: 10 * time.Second, KeepAlivePeriod: time.Second})
 	e.waitMembers(t, "svc", func(n int) bool { return n == 1 })
 	var block bytes.Buffer
 	enc := qpack.NewEncoder(&block)
@@ -115,30 +115,6 @@ func rawH3Member(t *testing.T, e *env, status string) {
 			}()
 		}
 	}()
-}
-
-// registerRawResp is registerRaw that keeps the data token of the answer.
-func (e *env) registerRawResp(t *testing.T, group string, md map[string]string) (*quic.Conn, *protocol.RegisterResponse) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	defer cancel()
-	conn, err := quic.DialAddr(ctx, e.addr, e.clientTLS(), &quic.Config{MaxIdleTimeout: 10 * time.Second, KeepAlivePeriod: time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { conn.CloseWithError(0, "") })
-	str, err := conn.OpenStreamSync(ctx)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := protocol.WriteRequest(str, &protocol.RegisterRequest{Version: 1, TunnelGroup: group, Metadata: md}); err != nil {
-		t.Fatal(err)
-	}
-	resp, err := protocol.ReadResponse(str)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return conn, resp
 }
 
 // A member answering with a status net/http cannot write (000-099 on a
@@ -181,7 +157,7 @@ func TestInvalidStatusFromMember(t *testing.T) {
 // unread (up to 768 KiB) for the life of its registration.
 func TestMemberStreamsTowardsServerRefused(t *testing.T) {
 	e := startServer(t, svc)
-	conn, _ := e.registerRawResp(t, "svc", nil)
+	conn, _, _ := e.registerRaw(t, "svc", nil, &quic.Config{MaxIdleTimeout: 10 * time.Second, KeepAlivePeriod: time.Second})
 	str, err := conn.OpenStream()
 	if err != nil {
 		t.Fatal(err)

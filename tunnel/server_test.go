@@ -267,7 +267,7 @@ func TestSilentClientIsClosed(t *testing.T) {
 // registerRaw registers a hand-made client with metadata md over its own
 // UDP socket, which the caller can close to make the member vanish
 // without a word, as a killed process does.
-func (e *env) registerRaw(t testing.TB, group string, md map[string]string, qc *quic.Config) (*quic.Conn, *net.UDPConn) {
+func (e *env) registerRaw(t testing.TB, group string, md map[string]string, qc *quic.Config) (*quic.Conn, *net.UDPConn, *protocol.RegisterResponse) {
 	t.Helper()
 	udp, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
@@ -291,15 +291,16 @@ func (e *env) registerRaw(t testing.TB, group string, md map[string]string, qc *
 	if err := protocol.WriteRequest(str, &protocol.RegisterRequest{Version: 1, TunnelGroup: group, Metadata: md}); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := protocol.ReadResponse(str); err != nil {
+	resp, err := protocol.ReadResponse(str)
+	if err != nil {
 		t.Fatal(err)
 	}
-	return conn, udp
+	return conn, udp, resp
 }
 
 func TestDeadMemberDroppedAfterAnnouncedKeepAlive(t *testing.T) {
 	e := startServer(t, tunnel.Group{Name: "g", Hosts: []string{"g.example"}})
-	_, udp := e.registerRaw(t, "g", map[string]string{protocol.MetadataKeepAlive: "100ms"},
+	_, udp, _ := e.registerRaw(t, "g", map[string]string{protocol.MetadataKeepAlive: "100ms"},
 		&quic.Config{KeepAlivePeriod: 100 * time.Millisecond, MaxIdleTimeout: 10 * time.Second})
 	// The response is written before the member joins the group.
 	e.waitMembers(t, "g", func(n int) bool { return n == 1 })
@@ -399,7 +400,7 @@ func TestSilentOlderMemberKept(t *testing.T) {
 // member when it has no body, as soon as the member is declared dead.
 func TestRequestOnDeadMemberRetried(t *testing.T) {
 	e := startServer(t, tunnel.Group{Name: "g", Hosts: []string{"g.example"}})
-	conn, udp := e.registerRaw(t, "g", map[string]string{protocol.MetadataKeepAlive: "100ms"},
+	conn, udp, _ := e.registerRaw(t, "g", map[string]string{protocol.MetadataKeepAlive: "100ms"},
 		&quic.Config{KeepAlivePeriod: 100 * time.Millisecond, MaxIdleTimeout: 10 * time.Second})
 	arrived := make(chan struct{}, 1)
 	h3 := &http3.Server{Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {

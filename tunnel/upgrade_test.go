@@ -181,7 +181,7 @@ func TestUpgradeToBusyGroup(t *testing.T) {
 func TestUpgradeToDeadMember(t *testing.T) {
 	e := startServer(t, tunnel.Group{Name: "ws", Hosts: []string{"127.0.0.1"}})
 	e.serve(t, "ws", websocket.Handler(func(ws *websocket.Conn) { _, _ = io.Copy(ws, ws) }))
-	_, udp := e.registerRaw(t, "ws", map[string]string{protocol.MetadataKeepAlive: "100ms"},
+	_, udp, _ := e.registerRaw(t, "ws", map[string]string{protocol.MetadataKeepAlive: "100ms"},
 		&quic.Config{KeepAlivePeriod: 100 * time.Millisecond, MaxIdleTimeout: 10 * time.Second})
 	e.waitMembers(t, "ws", func(n int) bool { return n == 2 })
 	udp.Close() // dead, and still a member for about 400 ms
