@@ -26,16 +26,17 @@ type run struct {
 }
 
 // round holds one direct/tunnel pair of every measurement, and the
-// relay's latency.
+// reference hops' latencies.
 type round struct {
 	small, big [2]run // [direct, tunnel]
-	lat        [3]latencyResult
+	lat        [4]latencyResult
 }
 
 const (
 	direct = 0
 	tunnel = 1
-	relay  = 2 // latency only
+	relay  = 2 // latency only: a bare TCP relay
+	proxy  = 3 // latency only: httputil.ReverseProxy
 )
 
 // bench runs the whole benchmark and returns its report.
@@ -122,20 +123,35 @@ func measureLoad(ctx context.Context, cfg *config, log *slog.Logger, f *files, b
 	if err := srv.waitMembers(ctx, benchGroup, cfg.members, 10*time.Second); err != nil {
 		return err
 	}
-	rel, err := startProc("relay", filepath.Join(f.dir, "relay.log"), []string{roleEnv + "=relay"}, self, "-target", backendAddr)
+	var stops []func()
+	defer func() {
+		for _, stop := range stops {
+			stop()
+		}
+	}()
+	// The reference hops, in front of the backend.
+	hop := func(name string, args ...string) (string, error) {
+		p, err := startProc(name, filepath.Join(f.dir, name+".log"), []string{roleEnv + "=relay"}, self, append([]string{"-target", backendAddr}, args...)...)
+		if err != nil {
+			return "", err
+		}
+		stops = append(stops, p.stop)
+		return p.expect(ctx, "relay ", 10*time.Second)
+	}
+	relayAddr, err := hop("relay")
 	if err != nil {
 		return err
 	}
-	defer rel.stop()
-	relayAddr, err := rel.expect(ctx, "relay ", 10*time.Second)
+	proxyAddr, err := hop("proxy", "-http")
 	if err != nil {
 		return err
 	}
 
-	targets := [3]target{
+	targets := [4]target{
 		{name: "direct", base: "http://" + backendAddr},
 		{name: "tunnel", base: "http://" + srv.httpAddr, host: benchHost},
 		{name: "relay", base: "http://" + relayAddr},
+		{name: "proxy", base: "http://" + proxyAddr},
 	}
 	smallTr := [2]*http.Transport{newTransport(cfg.concurrency), newTransport(cfg.concurrency)}
 	bigTr := [2]*http.Transport{newTransport(cfg.bigConcurrency), newTransport(cfg.bigConcurrency)}
@@ -191,8 +207,9 @@ func measureLoad(ctx context.Context, cfg *config, log *slog.Logger, f *files, b
 				return err
 			}
 		}
-		// The relay sits between the two, so that it sees the same drift.
-		for _, i := range []int{order[0], relay, order[1]} {
+		// The reference hops sit between the two, so that they see the
+		// same drift.
+		for _, i := range []int{order[0], relay, proxy, order[1]} {
 			if rd.lat[i], err = latency(ctx, targets[i], pathSmall, int64(cfg.smallSize), cfg.warmup, cfg.latDur); err != nil {
 				return err
 			}
@@ -200,7 +217,7 @@ func measureLoad(ctx context.Context, cfg *config, log *slog.Logger, f *files, b
 		log.Info("round done", "round", r+1, "of", cfg.rounds,
 			"small_req_s", fmt.Sprintf("%.0f/%.0f", rd.small[direct].load.reqPerSec(), rd.small[tunnel].load.reqPerSec()),
 			"big_mib_s", fmt.Sprintf("%.0f/%.0f", rd.big[direct].load.mibPerSec(), rd.big[tunnel].load.mibPerSec()),
-			"p50_ms", fmt.Sprintf("%.3f/%.3f (relay %.3f)", ms(rd.lat[direct].p50), ms(rd.lat[tunnel].p50), ms(rd.lat[relay].p50)))
+			"p50_ms", fmt.Sprintf("%.3f/%.3f (relay %.3f, proxy %.3f)", ms(rd.lat[direct].p50), ms(rd.lat[tunnel].p50), ms(rd.lat[relay].p50), ms(rd.lat[proxy].p50)))
 		rep.rounds = append(rep.rounds, rd)
 	}
 	for _, tr := range append(smallTr[:], bigTr[:]...) {

@@ -14,8 +14,10 @@
 // each measurement is repeated; the report gives min/median/max and the
 // tunnel/direct ratio of each round, against the project's goals.
 //
-// The latency rounds also measure the backend through a bare TCP relay
-// process: what any extra process in the path costs on this machine.
+// The latency rounds also measure the backend through two reference hops:
+// a bare TCP relay process, what any extra process in the path costs on
+// this machine, and the standard library's httputil.ReverseProxy, what an
+// idiomatic Go HTTP proxy costs.
 //
 // A second, fresh server then takes 1,000 idle registrations from a third
 // process, to measure the memory a tunnel costs.

@@ -51,8 +51,10 @@ func TestQuickRun(t *testing.T) {
 			}
 		}
 	}
-	if rd.lat[relay].p50 <= 0 {
-		t.Errorf("relay p50 = %v, want > 0", rd.lat[relay].p50)
+	for _, i := range []int{relay, proxy} {
+		if rd.lat[i].p50 <= 0 {
+			t.Errorf("reference hop %d p50 = %v, want > 0", i, rd.lat[i].p50)
+		}
 	}
 	if rd.small[tunnel].cpu.server+rd.big[tunnel].cpu.server <= 0 {
 		t.Errorf("no server CPU time measured through the tunnel")
@@ -63,7 +65,7 @@ func TestQuickRun(t *testing.T) {
 
 	var out bytes.Buffer
 	rep.write(&out)
-	for _, want := range []string{"small req/s", "sequential p50 ms", "with 50 idle tunnels", "small-body req/s", "added p50 latency", "bare TCP relay"} {
+	for _, want := range []string{"small req/s", "sequential p50 ms", "with 50 idle tunnels", "small-body req/s", "added p50 latency", "bare TCP relay", "httputil.ReverseProxy"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("report lacks %q:\n%s", want, out.String())
 		}

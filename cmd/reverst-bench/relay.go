@@ -6,18 +6,26 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
 	"os"
 	"sync"
+	"time"
 )
 
-// relayMain is the relay role: a bare TCP relay to -target (no HTTP, no
-// TLS, a goroutine per direction), the least any process in the path can
-// cost. Its added latency, measured beside the tunnel's, is this
-// machine's price of one more process between the load generator and the
-// backend. It prints "relay ADDR" on stdout and runs until stdin closes.
+// relayMain is the relay role, a reference hop between the load generator
+// and the backend, measured beside the tunnel. By default it is a bare TCP
+// relay to -target (no HTTP, no TLS, a goroutine per direction), the least
+// any process in the path can cost: this machine's price of one more
+// process. With -http it is the standard library's reverse proxy
+// (net/http.Server and httputil.ReverseProxy with default settings), what
+// one more idiomatic Go HTTP hop costs. It prints "relay ADDR" on stdout
+// and runs until stdin closes.
 func relayMain(ctx context.Context, args []string, stdout io.Writer) error {
 	fs := flag.NewFlagSet("relay", flag.ContinueOnError)
 	target := fs.String("target", "", "address to relay to")
+	httpProxy := fs.Bool("http", false, "proxy HTTP with httputil.ReverseProxy instead of relaying bytes")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -33,6 +41,18 @@ func relayMain(ctx context.Context, args []string, stdout io.Writer) error {
 	}()
 	context.AfterFunc(ctx, func() { ln.Close() })
 	fmt.Fprintf(stdout, "relay %s\n", ln.Addr())
+
+	if *httpProxy {
+		srv := &http.Server{
+			Handler:           httputil.NewSingleHostReverseProxy(&url.URL{Scheme: "http", Host: *target}),
+			ReadHeaderTimeout: 10 * time.Second,
+		}
+		context.AfterFunc(ctx, func() { srv.Close() })
+		if err := srv.Serve(ln); ctx.Err() == nil {
+			return err
+		}
+		return nil
+	}
 
 	var wg sync.WaitGroup
 	defer wg.Wait()
