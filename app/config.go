@@ -74,7 +74,7 @@ func configOptions() []flagenv.Option {
 		{Long: "registration-burst", Field: "RegistrationBurst", Usage: "burst of registrations allowed from one IP address"},
 		{Long: "shutdown-timeout", Field: "ShutdownTimeout", Usage: "time allowed for in-flight requests to finish on SIGTERM (keep it under the grace period of docker stop, 10s by default)"},
 		{Long: "external-auth-timeout", Field: "ExternalAuthTimeout", Usage: "timeout of one call to an external authentication endpoint"},
-		{Long: "external-auth-cache-size", Field: "ExternalAuthCache", Usage: "external authentication decisions kept in the LRU cache"},
+		{Long: "external-auth-cache-size", Field: "ExternalAuthCache", Usage: "external authentication allows kept in the LRU cache (and as many denials)"},
 		{Long: "external-auth-allow-ttl", Field: "ExternalAuthAllowTTL", Usage: "how long an allow from an external endpoint is cached"},
 		{Long: "external-auth-deny-ttl", Field: "ExternalAuthDenyTTL", Usage: "how long a deny from an external endpoint is cached"},
 	}

@@ -60,6 +60,13 @@ const (
 	DefaultExternalTimeout = 3 * time.Second
 )
 
+// maxExternalCalls bounds the calls to external endpoints in flight at
+// once, for all of a Factory's groups: registrations with credentials
+// nobody has presented before (a flood of made-up tokens from many
+// addresses) wait for a slot, within the call's timeout, rather than open
+// a connection each. Identical credentials share one call anyway.
+const maxExternalCalls = 64
+
 // Factory builds Authenticators from group definitions. The zero value is
 // ready to use. Fields must not change after the first call to New: the
 // decision cache and the metrics are created then, once, and shared by every
@@ -71,10 +78,11 @@ type Factory struct {
 	// Logger receives debug lines about decisions; nil discards them.
 	Logger *slog.Logger
 
-	// HTTPClient calls external endpoints; nil means http.DefaultClient.
-	// The Factory uses a copy that does not follow redirects (a 3xx answer
-	// is an error), so the credentials are only ever sent to the
-	// configured endpoint.
+	// HTTPClient calls external endpoints; nil means a client of the
+	// Factory's own, which keeps a connection for each call that may be
+	// in flight. The Factory uses a copy that does not follow redirects (a
+	// 3xx answer is an error), so the credentials are only ever sent to
+	// the configured endpoint.
 	HTTPClient *http.Client
 
 	// ReadSecret reads bearer tokenPath and hashedTokenPath values at
@@ -83,8 +91,10 @@ type Factory struct {
 	// reader that understands them. Errors are server errors, not denials.
 	ReadSecret func(ctx context.Context, path string) ([]byte, error)
 
-	// CacheSize bounds the external decision cache (entries); 0 means
-	// DefaultCacheSize, a negative value disables the cache.
+	// CacheSize bounds the external decision cache: that many allows and
+	// as many denials, kept apart so that made-up credentials cannot push
+	// out the allows of real members; 0 means DefaultCacheSize, a
+	// negative value disables the cache.
 	CacheSize int
 	// CacheAllowTTL and CacheDenyTTL are how long an external allow or
 	// deny is reused; 0 means the default, a negative value disables
@@ -104,7 +114,9 @@ type Factory struct {
 	once     sync.Once
 	initErr  error
 	client   *http.Client
-	cache    *expirable.LRU[cacheKey, decision]
+	calls    chan struct{} // a slot per call in flight
+	allows   *expirable.LRU[cacheKey, decision]
+	denials  *expirable.LRU[cacheKey, decision]
 	allowTTL time.Duration
 	denyTTL  time.Duration
 	timeout  time.Duration
@@ -115,10 +127,13 @@ type Factory struct {
 
 func (f *Factory) init() error {
 	f.once.Do(func() {
-		c := http.DefaultClient
-		if f.HTTPClient != nil {
-			c = f.HTTPClient
+		c := f.HTTPClient
+		if c == nil {
+			t := http.DefaultTransport.(*http.Transport).Clone()
+			t.MaxIdleConnsPerHost = maxExternalCalls
+			c = &http.Client{Transport: t}
 		}
+		f.calls = make(chan struct{}, maxExternalCalls)
 		noRedirect := *c
 		noRedirect.CheckRedirect = func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }
 		f.client = &noRedirect
@@ -130,10 +145,11 @@ func (f *Factory) init() error {
 		if size == 0 {
 			size = DefaultCacheSize
 		}
-		if size > 0 && (f.allowTTL > 0 || f.denyTTL > 0) {
-			// Each entry carries its own expiry (allow and deny differ);
-			// the LRU's TTL only purges what can no longer be used.
-			f.cache = expirable.NewLRU[cacheKey, decision](size, nil, max(f.allowTTL, f.denyTTL))
+		if size > 0 && f.allowTTL > 0 {
+			f.allows = expirable.NewLRU[cacheKey, decision](size, nil, f.allowTTL)
+		}
+		if size > 0 && f.denyTTL > 0 {
+			f.denials = expirable.NewLRU[cacheKey, decision](size, nil, f.denyTTL)
 		}
 
 		m, err := newMetrics(f.Registerer)

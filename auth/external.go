@@ -11,6 +11,7 @@ import (
 	"net/url"
 	"time"
 
+	"github.com/hashicorp/golang-lru/v2/expirable"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/reverst-dev/reverst/groups"
@@ -101,19 +102,39 @@ func (d decision) err() error {
 }
 
 func (e *external) cached(key cacheKey) (decision, bool) {
-	c := e.f.cache
-	if c == nil {
-		return decision{}, false
+	for _, c := range []*expirable.LRU[cacheKey, decision]{e.f.allows, e.f.denials} {
+		if c == nil {
+			continue
+		}
+		d, ok := c.Get(key)
+		if !ok {
+			continue
+		}
+		if !e.f.clock().Before(d.expires) {
+			c.Remove(key)
+			continue
+		}
+		return d, true
 	}
-	d, ok := c.Get(key)
-	if !ok {
-		return decision{}, false
+	return decision{}, false
+}
+
+// remember caches d, in place of any other decision on the same key.
+func (e *external) remember(key cacheKey, d decision) {
+	f := e.f
+	keep, drop, ttl := f.allows, f.denials, f.allowTTL
+	if !d.allow {
+		keep, drop, ttl = f.denials, f.allows, f.denyTTL
 	}
-	if !e.f.clock().Before(d.expires) {
-		c.Remove(key)
-		return decision{}, false
+	if drop != nil {
+		drop.Remove(key)
 	}
-	return d, true
+	if keep != nil {
+		// Each entry carries its own expiry, which the tests' clock
+		// moves; the LRU's TTL only purges what can no longer be used.
+		d.expires = f.clock().Add(ttl)
+		keep.Add(key, d)
+	}
 }
 
 // call asks the endpoint once and caches a decision. Any answer but 200,
@@ -123,7 +144,18 @@ func (e *external) call(ctx context.Context, key cacheKey, presented string) (de
 	ctx, cancel := context.WithTimeout(ctx, f.timeout)
 	defer cancel()
 	start := time.Now()
-	d, status, err := e.do(ctx, presented)
+	var (
+		d      decision
+		status int
+		err    error
+	)
+	select {
+	case f.calls <- struct{}{}:
+		d, status, err = e.do(ctx, presented)
+		<-f.calls
+	case <-ctx.Done():
+		err = fmt.Errorf("auth: external endpoint %s: %d calls in flight, no slot within %v", e.safe, maxExternalCalls, f.timeout)
+	}
 	elapsed := time.Since(start)
 
 	result := "error"
@@ -142,14 +174,7 @@ func (e *external) call(ctx context.Context, key cacheKey, presented string) (de
 	}
 	log.DebugContext(ctx, "external auth decision", "allow", d.allow, "cached", false)
 
-	ttl := f.denyTTL
-	if d.allow {
-		ttl = f.allowTTL
-	}
-	if f.cache != nil && ttl > 0 {
-		d.expires = f.clock().Add(ttl)
-		f.cache.Add(key, d)
-	}
+	e.remember(key, d)
 	return d, nil
 }
 

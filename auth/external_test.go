@@ -3,6 +3,8 @@ package auth
 import (
 	"context"
 	"errors"
+	"fmt"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"strings"
@@ -21,6 +23,7 @@ import (
 type authServer struct {
 	*httptest.Server
 	calls  atomic.Int64
+	conns  atomic.Int64 // connections opened to the endpoint
 	status atomic.Int64 // answer for every call; see handle
 	// block, when set, holds each call until it is closed or the
 	// request is cancelled; entered receives a value as a call starts.
@@ -34,7 +37,13 @@ func newAuthServer(t *testing.T, status int) *authServer {
 	t.Helper()
 	s := &authServer{entered: make(chan struct{}, 1000)}
 	s.status.Store(int64(status))
-	s.Server = httptest.NewServer(http.HandlerFunc(s.handle))
+	s.Server = httptest.NewUnstartedServer(http.HandlerFunc(s.handle))
+	s.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateNew {
+			s.conns.Add(1)
+		}
+	}
+	s.Start()
 	t.Cleanup(s.Close)
 	return s
 }
@@ -279,6 +288,89 @@ func TestExternalConcurrentOneCall(t *testing.T) {
 	}
 	if got := s.calls.Load(); got != 1 {
 		t.Fatalf("%d endpoint calls, want 1", got)
+	}
+}
+
+func TestExternalDenialsDoNotEvictAllows(t *testing.T) {
+	// A flood of bad tokens must not push the good ones out of the cache:
+	// each legitimate member would cost the endpoint a call again.
+	var calls atomic.Int64
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		calls.Add(1)
+		if r.Header.Get("Authorization") != "Bearer good" {
+			w.WriteHeader(http.StatusForbidden)
+		}
+	}))
+	t.Cleanup(srv.Close)
+	a := newExternalAuth(t, &Factory{CacheSize: 8}, srv.URL)
+	expect(t, a, "Bearer good", allow)
+	for i := range 100 {
+		expect(t, a, fmt.Sprintf("Bearer bad-%d", i), deny)
+	}
+	before := calls.Load()
+	expect(t, a, "Bearer good", allow)
+	if n := calls.Load() - before; n != 0 {
+		t.Fatalf("the allowed token cost %d more calls after 100 denied ones, want 0", n)
+	}
+}
+
+func TestExternalConcurrentCallsCapped(t *testing.T) {
+	// Registrations with distinct credentials from many addresses must
+	// not open an unbounded number of calls (and connections) at once.
+	s := newAuthServer(t, http.StatusOK)
+	release := make(chan struct{})
+	s.setBlock(release)
+	a := newExternalAuth(t, &Factory{}, s.URL)
+
+	const n = maxExternalCalls + 36
+	errs := make(chan error, n)
+	for i := range n {
+		go func() { errs <- a.Authenticate(t.Context(), md(fmt.Sprintf("Bearer tok-%d", i))) }()
+	}
+	for range maxExternalCalls {
+		<-s.entered
+	}
+	select {
+	case <-s.entered:
+		t.Fatalf("more than %d calls in flight at once", maxExternalCalls)
+	case <-time.After(200 * time.Millisecond):
+	}
+	close(release)
+	for range n {
+		if err := <-errs; err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := s.calls.Load(); got != n {
+		t.Fatalf("%d endpoint calls, want %d", got, n)
+	}
+}
+
+func TestExternalReusesConnections(t *testing.T) {
+	// Bursts of calls keep their connections for the next burst rather
+	// than opening new ones each time (http.DefaultClient keeps two).
+	s := newAuthServer(t, http.StatusOK)
+	a := newExternalAuth(t, &Factory{}, s.URL)
+	const burst = 20
+	for wave := range 2 {
+		release := make(chan struct{})
+		s.setBlock(release)
+		errs := make(chan error, burst)
+		for i := range burst {
+			go func() { errs <- a.Authenticate(t.Context(), md(fmt.Sprintf("Bearer w%d-%d", wave, i))) }()
+		}
+		for range burst {
+			<-s.entered // all in flight at once: each on its own connection
+		}
+		close(release)
+		for range burst {
+			if err := <-errs; err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if got := s.conns.Load(); got != burst {
+		t.Fatalf("%d connections opened for two bursts of %d calls, want %d", got, burst, burst)
 	}
 }
 
