@@ -238,11 +238,11 @@ func NewControlReader(r io.Reader) *ControlReader {
 
 // Next returns the next message; io.EOF when the peer closed the stream.
 func (c *ControlReader) Next() (*ControlMessage, error) {
-	var msg ControlMessage
-	if err := c.dec.Decode(&msg); err != nil {
+	var wire struct{ Type boundedString }
+	if err := c.dec.Decode(&wire); err != nil {
 		return nil, err
 	}
-	return &msg, nil
+	return &ControlMessage{Type: string(wire.Type)}, nil
 }
 
 // Authorization returns the credentials presented in the request metadata.
@@ -265,13 +265,13 @@ func WriteResponse(w io.Writer, resp *RegisterResponse) error {
 func ReadRequest(r io.Reader) (*RegisterRequest, error) {
 	var wire struct {
 		Version     uint8
-		TunnelGroup string
+		TunnelGroup boundedString
 		Metadata    metadata
 	}
 	if err := decode(r, &wire); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrBadRequest, err)
 	}
-	req := RegisterRequest{Version: wire.Version, TunnelGroup: wire.TunnelGroup, Metadata: wire.Metadata}
+	req := RegisterRequest{Version: wire.Version, TunnelGroup: string(wire.TunnelGroup), Metadata: wire.Metadata}
 	if req.Version != Version {
 		return nil, fmt.Errorf("%w: unsupported version %d", ErrBadRequest, req.Version)
 	}
@@ -288,12 +288,12 @@ func ReadResponse(r io.Reader) (*RegisterResponse, error) {
 		Version  uint8
 		Code     ResponseCode
 		Metadata metadata
-		Body     []byte
+		Body     boundedBytes
 	}
 	if err := decode(r, &wire); err != nil {
 		return nil, fmt.Errorf("decoding register response: %w", err)
 	}
-	resp := RegisterResponse{Version: wire.Version, Code: wire.Code, Metadata: wire.Metadata, Body: wire.Body}
+	resp := RegisterResponse{Version: wire.Version, Code: wire.Code, Metadata: wire.Metadata, Body: []byte(wire.Body)}
 	switch resp.Code {
 	case ResponseOK:
 		return &resp, nil
@@ -328,18 +328,55 @@ func (m *metadata) DecodeMsgpack(dec *msgpack.Decoder) error {
 	}
 	mm := make(map[string]string, min(n, 16))
 	for range n {
-		k, err := dec.DecodeString()
+		k, err := readBounded(dec)
 		if err != nil {
 			return err
 		}
-		v, err := dec.DecodeString()
+		v, err := readBounded(dec)
 		if err != nil {
 			return err
 		}
-		mm[k] = v
+		mm[string(k)] = string(v)
 	}
 	*m = mm
 	return nil
+}
+
+// boundedString and boundedBytes decode as string and []byte do, without
+// trusting the length announced either: msgpack sets aside room for it
+// before reading any (up to 1 MiB for a string, all of it for bytes).
+type (
+	boundedString string
+	boundedBytes  []byte
+)
+
+func (s *boundedString) DecodeMsgpack(dec *msgpack.Decoder) error {
+	b, err := readBounded(dec)
+	*s = boundedString(b)
+	return err
+}
+
+func (b *boundedBytes) DecodeMsgpack(dec *msgpack.Decoder) error {
+	v, err := readBounded(dec)
+	*b = v
+	return err
+}
+
+// readBounded reads a msgpack string or binary (nil for a msgpack nil) no
+// longer than a whole message may be.
+func readBounded(dec *msgpack.Decoder) ([]byte, error) {
+	n, err := dec.DecodeBytesLen()
+	if err != nil || n < 0 {
+		return nil, err
+	}
+	if n > MaxMessageSize {
+		return nil, fmt.Errorf("string of %d bytes", n)
+	}
+	b := make([]byte, n)
+	if err := dec.ReadFull(b); err != nil {
+		return nil, err
+	}
+	return b, nil
 }
 
 func decode(r io.Reader, v any) error {

@@ -105,6 +105,39 @@ func TestHugeMetadataCountIsNotPreallocated(t *testing.T) {
 	}
 }
 
+func TestHugeStringLengthIsNotPreallocated(t *testing.T) {
+	// msgpack sets aside up to 1 MiB for a string or byte slice of the
+	// length it announces, before reading any of it: a few bytes per
+	// pending registration would each hold that much.
+	request := func(r io.Reader) error { _, err := ReadRequest(r); return err }
+	response := func(r io.Reader) error { _, err := ReadResponse(r); return err }
+	const str32, bin32 = "\xdb\xff\xff\xff\xff", "\xc6\xff\xff\xff\xff"
+	for _, tt := range []struct {
+		name string
+		read func(io.Reader) error
+		msg  string
+	}{
+		{"request tunnel group", request, "\x81\xabTunnelGroup" + str32},
+		{"request metadata key", request, "\x81\xa8Metadata\x81" + str32},
+		{"request metadata value", request, "\x81\xa8Metadata\x81\xa1k" + str32},
+		{"response metadata value", response, "\x81\xa8Metadata\x81\xa1k" + str32},
+		{"response body", response, "\x81\xa4Body" + bin32},
+		{"control message", func(r io.Reader) error { _, err := NewControlReader(r).Next(); return err }, "\x81\xa4Type" + str32},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			var before, after runtime.MemStats
+			runtime.ReadMemStats(&before)
+			if err := tt.read(strings.NewReader(tt.msg)); err == nil {
+				t.Fatal("accepted")
+			}
+			runtime.ReadMemStats(&after)
+			if grown := after.TotalAlloc - before.TotalAlloc; grown > 256<<10 {
+				t.Fatalf("%d bytes made the reader allocate %d KiB", len(tt.msg), grown>>10)
+			}
+		})
+	}
+}
+
 type neverEnding byte
 
 func (b neverEnding) Read(p []byte) (int, error) {
