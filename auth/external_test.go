@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -274,21 +275,39 @@ func TestExternalConcurrentOneCall(t *testing.T) {
 	s.setBlock(release)
 	a := newExternalAuth(t, &Factory{}, s.URL)
 
-	const n = 100
-	errs := make(chan error, n)
-	for range n {
-		go func() { errs <- a.Authenticate(t.Context(), md("Bearer shared")) }()
-	}
+	wait := authenticateAtOnce(t, a, slices.Repeat([]string{"Bearer shared"}, 100)...)
 	<-s.entered // the one call is in flight; hold it while the rest arrive
 	close(release)
-	for range n {
-		if err := <-errs; err != nil {
-			t.Fatal(err)
-		}
-	}
+	wait()
 	if got := s.calls.Load(); got != 1 {
 		t.Fatalf("%d endpoint calls, want 1", got)
 	}
+}
+
+// authenticateAtOnce starts one Authenticate per credential and returns a
+// function that waits for them all, failing the test on any error.
+func authenticateAtOnce(t *testing.T, a Authenticator, creds ...string) (wait func()) {
+	errs := make(chan error, len(creds))
+	for _, c := range creds {
+		go func() { errs <- a.Authenticate(t.Context(), md(c)) }()
+	}
+	return func() {
+		t.Helper()
+		for range creds {
+			if err := <-errs; err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+}
+
+// tokens returns n distinct bearer credentials.
+func tokens(prefix string, n int) []string {
+	out := make([]string, n)
+	for i := range out {
+		out[i] = fmt.Sprintf("Bearer %s-%d", prefix, i)
+	}
+	return out
 }
 
 func TestExternalDenialsDoNotEvictAllows(t *testing.T) {
@@ -304,8 +323,8 @@ func TestExternalDenialsDoNotEvictAllows(t *testing.T) {
 	t.Cleanup(srv.Close)
 	a := newExternalAuth(t, &Factory{CacheSize: 8}, srv.URL)
 	expect(t, a, "Bearer good", allow)
-	for i := range 100 {
-		expect(t, a, fmt.Sprintf("Bearer bad-%d", i), deny)
+	for _, bad := range tokens("bad", 100) {
+		expect(t, a, bad, deny)
 	}
 	before := calls.Load()
 	expect(t, a, "Bearer good", allow)
@@ -323,10 +342,7 @@ func TestExternalConcurrentCallsCapped(t *testing.T) {
 	a := newExternalAuth(t, &Factory{}, s.URL)
 
 	const n = maxExternalCalls + 36
-	errs := make(chan error, n)
-	for i := range n {
-		go func() { errs <- a.Authenticate(t.Context(), md(fmt.Sprintf("Bearer tok-%d", i))) }()
-	}
+	wait := authenticateAtOnce(t, a, tokens("tok", n)...)
 	for range maxExternalCalls {
 		<-s.entered
 	}
@@ -336,11 +352,7 @@ func TestExternalConcurrentCallsCapped(t *testing.T) {
 	case <-time.After(200 * time.Millisecond):
 	}
 	close(release)
-	for range n {
-		if err := <-errs; err != nil {
-			t.Fatal(err)
-		}
-	}
+	wait()
 	if got := s.calls.Load(); got != n {
 		t.Fatalf("%d endpoint calls, want %d", got, n)
 	}
@@ -355,19 +367,12 @@ func TestExternalReusesConnections(t *testing.T) {
 	for wave := range 2 {
 		release := make(chan struct{})
 		s.setBlock(release)
-		errs := make(chan error, burst)
-		for i := range burst {
-			go func() { errs <- a.Authenticate(t.Context(), md(fmt.Sprintf("Bearer w%d-%d", wave, i))) }()
-		}
+		wait := authenticateAtOnce(t, a, tokens(fmt.Sprint("wave", wave), burst)...)
 		for range burst {
 			<-s.entered // all in flight at once: each on its own connection
 		}
 		close(release)
-		for range burst {
-			if err := <-errs; err != nil {
-				t.Fatal(err)
-			}
-		}
+		wait()
 	}
 	if got := s.conns.Load(); got != burst {
 		t.Fatalf("%d connections opened for two bursts of %d calls, want %d", got, burst, burst)
