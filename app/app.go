@@ -56,17 +56,29 @@ func Main(ctx context.Context, args []string, stderr io.Writer) int {
 // Run starts the server described by cfg and supervises it until ctx is
 // done (a clean stop, nil) or one of its tasks fails (that error).
 func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
-	cert, err := tls.LoadX509KeyPair(cfg.CertificatePath, cfg.PrivateKeyPath)
-	if err != nil {
-		return fmt.Errorf("loading --certificate-path %q and --private-key-path %q: %w", cfg.CertificatePath, cfg.PrivateKeyPath, err)
-	}
-	// LoadX509KeyPair has parsed the leaf already.
-	if err := cert.Leaf.VerifyHostname(cfg.ServerName); err != nil {
-		logger.Warn("the certificate does not cover --server-name; clients verifying it will fail", "server_name", cfg.ServerName, "error", err)
-	}
-
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	notAfter := prometheus.NewGaugeVec(prometheus.GaugeOpts{
+		Name: "reverst_certificate_not_after_timestamp_seconds",
+		Help: "When the certificate served expires, in Unix seconds, following its files as they are renewed: tunnel (QUIC, data connections, and the HTTPS frontend unless it has its own), https (the HTTPS frontend's own).",
+	}, []string{"certificate"})
+	reg.MustRegister(notAfter)
+	expiry := func(name string) func(*tls.Certificate) {
+		return func(c *tls.Certificate) { notAfter.WithLabelValues(name).Set(float64(c.Leaf.NotAfter.Unix())) }
+	}
+
+	tunnelPair := &keyPair{
+		certPath:   cfg.CertificatePath,
+		keyPath:    cfg.PrivateKeyPath,
+		flags:      fmt.Sprintf("--certificate-path %q and --private-key-path %q", cfg.CertificatePath, cfg.PrivateKeyPath),
+		log:        logger,
+		serverName: cfg.ServerName,
+		loaded:     expiry("tunnel"),
+	}
+	cert, err := tunnelPair.load()
+	if err != nil {
+		return err
+	}
 
 	srv := &tunnel.Server{
 		Logger:                logger.With("component", "tunnel"),
@@ -113,7 +125,7 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 		return fmt.Errorf("applying tunnel groups from %s: %w", source, err)
 	}
 
-	resetKey, err := statelessResetKey(cert)
+	resetKey, err := statelessResetKey(*cert)
 	if err != nil {
 		return err
 	}
@@ -132,10 +144,10 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	}
 	defer tr.Close()
 	ln, err := tr.Listen(&tls.Config{
-		Certificates: []tls.Certificate{cert},
-		NextProtos:   []string{protocol.ALPN},
-		MinVersion:   tls.VersionTLS13,
-		ServerName:   cfg.ServerName,
+		GetCertificate: tunnelPair.GetCertificate,
+		NextProtos:     []string{protocol.ALPN},
+		MinVersion:     tls.VersionTLS13,
+		ServerName:     cfg.ServerName,
 	}, &quic.Config{
 		MaxIdleTimeout:  cfg.MaxIdleTimeout,
 		KeepAlivePeriod: cfg.KeepAlivePeriod,
@@ -164,11 +176,17 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	}
 	frontends := []frontend{{name: "http frontend", srv: newFrontend(), ln: frontendLn}}
 	if cfg.HTTPSAddress != "" {
-		httpsCert := cert
+		httpsPair := tunnelPair
 		if cfg.HTTPSCertificatePath != "" {
-			httpsCert, err = tls.LoadX509KeyPair(cfg.HTTPSCertificatePath, cfg.HTTPSPrivateKeyPath)
-			if err != nil {
-				return fmt.Errorf("loading --https-certificate-path %q and --https-private-key-path %q: %w", cfg.HTTPSCertificatePath, cfg.HTTPSPrivateKeyPath, err)
+			httpsPair = &keyPair{
+				certPath: cfg.HTTPSCertificatePath,
+				keyPath:  cfg.HTTPSPrivateKeyPath,
+				flags:    fmt.Sprintf("--https-certificate-path %q and --https-private-key-path %q", cfg.HTTPSCertificatePath, cfg.HTTPSPrivateKeyPath),
+				log:      logger,
+				loaded:   expiry("https"),
+			}
+			if _, err := httpsPair.load(); err != nil {
+				return err
 			}
 		}
 		httpsLn, err := net.Listen("tcp", cfg.HTTPSAddress)
@@ -178,9 +196,9 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 		defer httpsLn.Close()
 		https := newFrontend()
 		https.TLSConfig = &tls.Config{
-			Certificates: []tls.Certificate{httpsCert},
-			NextProtos:   []string{"h2", "http/1.1"},
-			MinVersion:   tls.VersionTLS12,
+			GetCertificate: httpsPair.GetCertificate,
+			NextProtos:     []string{"h2", "http/1.1"},
+			MinVersion:     tls.VersionTLS12,
 		}
 		frontends = append(frontends, frontend{name: "https frontend", srv: https, ln: httpsLn, tls: true})
 	}
@@ -262,7 +280,7 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	tasks = append(tasks, task{
 		name: "data connection listener",
 		run: func() error {
-			conf := &tls.Config{Certificates: []tls.Certificate{cert}, MinVersion: tls.VersionTLS13}
+			conf := &tls.Config{GetCertificate: tunnelPair.GetCertificate, MinVersion: tls.VersionTLS13}
 			if err := srv.ServeData(dataLn, conf); !errors.Is(err, tunnel.ErrServerClosed) {
 				return err
 			}
