@@ -250,7 +250,7 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 			return fmt.Errorf("--management-address %q: %w", cfg.ManagementAddress, err)
 		}
 		defer mgmtLn.Close()
-		mgmt := &http.Server{Handler: w.management(source), ReadHeaderTimeout: 5 * time.Second}
+		mgmt := managementServer(w.management(source))
 		tasks = append(tasks, task{
 			name: "management server",
 			run: func() error {
@@ -314,6 +314,15 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	}
 	logger.Info("reverst stopped cleanly")
 	return nil
+}
+
+// managementServer serves the management API. Its IdleTimeout closes
+// connections idle for a minute (probes and scrapes that come more often
+// keep theirs): without it a connection kept alive after one request is
+// held for good, and a few thousand would use up the process's file
+// descriptors, the tunnels' included.
+func managementServer(h http.Handler) *http.Server {
+	return &http.Server{Handler: h, ReadHeaderTimeout: 5 * time.Second, IdleTimeout: time.Minute}
 }
 
 // statelessResetKey derives the QUIC stateless reset key from the TLS

@@ -247,3 +247,69 @@ func TestHealthcheck(t *testing.T) {
 		t.Fatalf("nothing to probe: exit %d", code)
 	}
 }
+
+// TestManagementServerTimeouts: a connection kept alive after a request
+// must be closed once idle (without IdleTimeout net/http keeps it for good,
+// 90 s and counting in a manual run), so that idle connections cannot pile
+// up until the process runs out of file descriptors; and a slow header
+// must not hold one either.
+func TestManagementServerTimeouts(t *testing.T) {
+	srv := managementServer(http.NotFoundHandler())
+	if srv.IdleTimeout <= 0 || srv.IdleTimeout > 2*time.Minute {
+		t.Errorf("IdleTimeout = %v, want a minute or two", srv.IdleTimeout)
+	}
+	if srv.ReadHeaderTimeout <= 0 {
+		t.Errorf("ReadHeaderTimeout = %v, want one", srv.ReadHeaderTimeout)
+	}
+}
+
+// TestReadyzHidesSecretsOfABadReload: /readyz, unauthenticated, reports
+// why the groups source is failing; a broken edit that puts a token where
+// a mapping belongs must not show the token there.
+func TestReadyzHidesSecretsOfABadReload(t *testing.T) {
+	groupsFile := filepath.Join(t.TempDir(), "groups.yml")
+	writeFile(t, groupsFile, `groups: {svc: {hosts: [svc.example], authentication: {bearer: {token: s3cret}}}}`)
+	cfg, err := ParseConfig([]string{
+		"-n", "flipt.dev.local", "-k", "../examples/simple/server.key", "-c", "../examples/simple/server.crt",
+		"-g", groupsFile, "-w",
+		"-a", testnet.Addr(t, testnet.Tunnel), "-s", testnet.Addr(t, testnet.TCP),
+		"--management-address", testnet.Addr(t, testnet.TCP),
+	}, map[string]string{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- Run(ctx, cfg, slog.New(slog.DiscardHandler)) }()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+	})
+	readyz := "http://" + cfg.ManagementAddress + "/readyz"
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		if resp, err := http.Get(readyz); err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK {
+				break
+			}
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("not ready")
+		}
+	}
+	// The token written straight under bearer, as a first-time operator
+	// might.
+	writeFile(t, groupsFile, `groups: {svc: {hosts: [svc.example], authentication: {bearer: s3cret}}}`)
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
+		_, body := httpGet(t, http.DefaultClient, readyz, "")
+		if strings.Contains(body, "groups.Bearer") {
+			if strings.Contains(body, "s3cr") {
+				t.Fatalf("/readyz shows the token: %q", body)
+			}
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("/readyz does not report the broken reload: %q", body)
+		}
+	}
+}

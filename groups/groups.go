@@ -18,8 +18,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net"
 	"net/url"
+	"regexp"
 	"slices"
 	"strings"
 
@@ -101,13 +103,96 @@ func Parse(data []byte) (*Config, error) {
 		if errors.Is(err, io.EOF) {
 			return nil, errors.New("groups: empty definition")
 		}
+		var te *yaml.TypeError
+		if errors.As(err, &te) {
+			for i, msg := range te.Errors {
+				te.Errors[i] = quotedValue.ReplaceAllString(msg, "$1 into $2")
+			}
+		}
 		return nil, fmt.Errorf("groups: %w", err)
 	}
-	if err := cfg.Validate(); err != nil {
+	// A second document ("---" and more groups, two files concatenated)
+	// would otherwise be left out without a word.
+	if err := dec.Decode(new(yaml.Node)); !errors.Is(err, io.EOF) {
+		return nil, errors.New("groups: more than one YAML document; put every group under one groups key")
+	}
+	var doc yaml.Node
+	if err := yaml.Unmarshal(data, &doc); err != nil {
+		return nil, fmt.Errorf("groups: %w", err)
+	}
+	if err := errors.Join(append(emptyAuthentication(&doc), cfg.Validate())...); err != nil {
 		return nil, err
 	}
 	return &cfg, nil
 }
+
+// emptyAuthentication finds the authentication keys, and the strategies
+// under them, given without a value: "bearer:" with its fields commented
+// out decodes to nil, as if it were absent, and would silently leave the
+// group open to anyone.
+func emptyAuthentication(doc *yaml.Node) []error {
+	var errs []error
+	defs := mapping(lookup(doc, "groups"))
+	for _, name := range slices.Sorted(maps.Keys(defs)) {
+		a, ok := mapping(defs[name])["authentication"]
+		switch {
+		case !ok:
+			continue
+		case isNull(a):
+			errs = append(errs, fmt.Errorf("group %q: authentication: must not be empty (leave it out for an open group)", name))
+			continue
+		}
+		strategies := mapping(a)
+		for _, strategy := range slices.Sorted(maps.Keys(strategies)) {
+			if isNull(strategies[strategy]) {
+				errs = append(errs, fmt.Errorf("group %q: authentication.%s: must not be empty", name, strategy))
+			}
+		}
+	}
+	return errs
+}
+
+// resolve follows n through its document and alias nodes.
+func resolve(n *yaml.Node) *yaml.Node {
+	for n != nil && (n.Kind == yaml.DocumentNode || n.Kind == yaml.AliasNode) {
+		if n.Kind == yaml.AliasNode {
+			n = n.Alias
+		} else if len(n.Content) == 1 {
+			n = n.Content[0]
+		} else {
+			return nil
+		}
+	}
+	return n
+}
+
+// mapping returns the entries of a mapping node by their scalar keys; nil
+// for anything else.
+func mapping(n *yaml.Node) map[string]*yaml.Node {
+	n = resolve(n)
+	if n == nil || n.Kind != yaml.MappingNode {
+		return nil
+	}
+	m := make(map[string]*yaml.Node, len(n.Content)/2)
+	for i := 0; i+1 < len(n.Content); i += 2 {
+		if k := resolve(n.Content[i]); k != nil && k.Kind == yaml.ScalarNode {
+			m[k.Value] = n.Content[i+1]
+		}
+	}
+	return m
+}
+
+func lookup(n *yaml.Node, key string) *yaml.Node { return mapping(n)[key] }
+
+func isNull(n *yaml.Node) bool {
+	n = resolve(n)
+	return n == nil || (n.Kind == yaml.ScalarNode && n.ShortTag() == "!!null")
+}
+
+// quotedValue matches yaml's "line N: cannot unmarshal !!str `VALUE` into
+// TYPE", whose VALUE may be a secret put where a mapping belongs ("bearer:
+// TOKEN"): these errors reach the logs and /readyz.
+var quotedValue = regexp.MustCompile(`(?s)^(line \d+: cannot unmarshal \S+) .* into (\S+)$`)
 
 // Validate checks the definition, naming the group and field at fault.
 func (c *Config) Validate() error {
@@ -200,7 +285,9 @@ func (a Authentication) validate(group string) []error {
 		if e.Endpoint == "" {
 			fail("external.endpoint", "must not be empty")
 		} else if u, err := url.Parse(e.Endpoint); err != nil || (u.Scheme != "http" && u.Scheme != "https") || u.Host == "" {
-			fail("external.endpoint", fmt.Sprintf("%q is not an http(s) URL", e.Endpoint))
+			// Not quoted: these errors reach the logs and /readyz, and an
+			// endpoint may carry credentials in its user info or query.
+			fail("external.endpoint", "must be an absolute http(s) URL with a host")
 		}
 	}
 	return errs
@@ -244,8 +331,15 @@ func NormalizeHost(host string) string {
 	}
 	host = strings.ToLower(strings.TrimSuffix(host, "."))
 	if !isASCII(host) {
-		if a, err := idna.Lookup.ToASCII(host); err == nil {
+		// The wildcard label is no valid IDNA label, so it would make the
+		// whole conversion fail and leave a wildcard in unicode, which no
+		// visitor's (punycode) Host ever matches: convert what follows it.
+		name, wild := strings.CutPrefix(host, "*.")
+		if a, err := idna.Lookup.ToASCII(name); err == nil {
 			host = a
+			if wild {
+				host = "*." + a
+			}
 		}
 	}
 	return host

@@ -49,11 +49,20 @@ func TestParseErrorsNameGroupAndField(t *testing.T) {
 		{"two tokens", `groups: {a: {hosts: [a], authentication: {bearer: {token: t, tokenPath: /p}}}}`, []string{"only one"}},
 		{"bad hashed token", `groups: {a: {hosts: [a], authentication: {bearer: {hashedToken: xyz}}}}`, []string{"bearer.hashedToken", "SHA-256"}},
 		{"bad endpoint", `groups: {a: {hosts: [a], authentication: {external: {endpoint: "ftp://x"}}}}`, []string{"external.endpoint"}},
+		{"endpoint without host", `groups: {a: {hosts: [a], authentication: {external: {endpoint: "https:///ext"}}}}`, []string{"external.endpoint"}},
 		{"unknown field", `groups: {a: {hosts: [a], authentication: {basci: {}}}}`, []string{"basci"}},
 		{"bad wildcard", `groups: {a: {hosts: ["a.*.example"]}}`, []string{"hosts[0]", "wildcard"}},
 		{"bare star", `groups: {a: {hosts: ["*"]}}`, []string{"hosts[0]"}},
 		{"same host in unicode and punycode", `groups: {a: {hosts: ["bücher.example"]}, b: {hosts: ["xn--bcher-kva.example"]}}`, []string{`group "b"`, "already routed"}},
+		{"same wildcard in unicode and punycode", `groups: {a: {hosts: ["*.bücher.example"]}, b: {hosts: ["*.xn--bcher-kva.example"]}}`, []string{`group "b"`, "already routed"}},
+		// A strategy left without a value (its fields commented out)
+		// decodes to nil, as if it were absent: the group would be open.
+		{"strategy without value", "groups:\n  a:\n    hosts: [a]\n    authentication:\n      bearer:\n        # token: secret\n", []string{`group "a"`, "authentication.bearer", "empty"}},
+		{"basic null", `groups: {a: {hosts: [a], authentication: {basic: ~}}}`, []string{`group "a"`, "authentication.basic"}},
+		{"external null", `groups: {a: {hosts: [a], authentication: {basic: {username: u, password: p}, external: null}}}`, []string{`group "a"`, "authentication.external"}},
+		{"authentication without value", "groups:\n  a:\n    hosts: [a]\n    authentication:\n", []string{`group "a"`, "authentication", "empty"}},
 		{"typo at top", `group: {}`, []string{"group"}},
+		{"second document", "groups: {a: {hosts: [a]}}\n---\ngroups: {b: {hosts: [b]}}\n", []string{"more than one YAML document"}},
 		{"empty", ``, []string{"empty"}},
 		{"not yaml", `groups: [`, []string{"groups"}},
 	}
@@ -84,6 +93,9 @@ func TestNormalizeHost(t *testing.T) {
 		"*.Example.com":    "*.example.com",
 		"[svc.example]":    "[svc.example]",
 		"[svc.example]:80": "[svc.example]",
+		// Browsers send IDNs in punycode, so a wildcard over one must
+		// be kept in that form too, or it never matches.
+		"*.Bücher.example": "*.xn--bcher-kva.example",
 	} {
 		if got := NormalizeHost(in); got != want {
 			t.Errorf("NormalizeHost(%q) = %q, want %q", in, got, want)
@@ -119,4 +131,51 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("accepted, then invalid: %v", err)
 		}
 	})
+}
+
+// TestEndpointErrorHidesCredentials: validation errors reach the logs and
+// the unauthenticated /readyz body, so a malformed endpoint must not be
+// quoted with its user info or query (auth never names one so either).
+func TestEndpointErrorHidesCredentials(t *testing.T) {
+	for _, ep := range []string{
+		"https//user:hunter2@auth.example/x?token=s3cret",
+		"ftp://user:hunter2@auth.example/x?token=s3cret",
+		"https://user:hunter2@/x?token=s3cret",
+		"https://user:hunter2@auth.example:port/x?token=s3cret",
+	} {
+		_, err := Parse([]byte(`groups: {a: {hosts: [a], authentication: {external: {endpoint: "` + ep + `"}}}}`))
+		if err == nil {
+			t.Fatalf("%q accepted", ep)
+		}
+		if !strings.Contains(err.Error(), `group "a"`) || !strings.Contains(err.Error(), "external.endpoint") {
+			t.Errorf("error %q does not name the group and field", err)
+		}
+		if strings.Contains(err.Error(), "hunter2") || strings.Contains(err.Error(), "s3cret") {
+			t.Errorf("error %q quotes the endpoint's credentials", err)
+		}
+	}
+}
+
+// TestTypeErrorHidesValue: a token written straight under its strategy
+// ("bearer: TOKEN") is a type error, and yaml quotes the value in it (up
+// to 10 bytes whole, else the first 7); such errors reach the logs and
+// the unauthenticated /readyz body, so the value must not be in them.
+func TestTypeErrorHidesValue(t *testing.T) {
+	for _, def := range []string{
+		`groups: {a: {hosts: [a], authentication: {bearer: s3cret}}}`,
+		`groups: {a: {hosts: [a], authentication: {basic: "s3cret:pw"}}}`,
+		`groups: {a: {hosts: [a], authentication: {external: "s3cret-with-into x"}}}`,
+		"groups:\n  a:\n    hosts: [a]\n    authentication: s3cretlongertoken\n",
+	} {
+		_, err := Parse([]byte(def))
+		if err == nil {
+			t.Fatalf("%q accepted", def)
+		}
+		if strings.Contains(err.Error(), "s3cr") {
+			t.Errorf("error %q quotes the value", err)
+		}
+		if !strings.Contains(err.Error(), "line ") || !strings.Contains(err.Error(), "cannot unmarshal !!str into groups.") {
+			t.Errorf("error %q no longer says where and what", err)
+		}
+	}
 }

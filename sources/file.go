@@ -82,8 +82,37 @@ func (f *file) watchDir(ctx context.Context, apply func(*groups.Config) error, o
 		return err
 	}
 	ok()
+	// The file may be a symlink to a file in another directory, whose
+	// in-place edits show only there: watch that directory too, and
+	// follow the link before every read, as it may have been re-pointed.
+	realDir, err := filepath.EvalSymlinks(f.dir)
+	if err != nil {
+		realDir = f.dir
+	}
+	var target string // the other directory watched, if any
+	follow := func() {
+		want := ""
+		if p, err := filepath.EvalSymlinks(f.path); err == nil && filepath.Dir(p) != realDir {
+			want = filepath.Dir(p)
+		}
+		if want == target {
+			return
+		}
+		if target != "" {
+			_ = w.Remove(target) // gone already when the directory was removed
+		}
+		target = ""
+		if want != "" {
+			if err := w.Add(want); err != nil {
+				f.r.log.Warn("cannot watch the directory the groups file links to; its in-place edits may be missed", "directory", want, "error", err)
+				return
+			}
+			target = want
+		}
+	}
 	// Read once the watch is in place, so that no change slips between
 	// the read and the watch.
+	follow()
 	f.read(apply)
 
 	debounce := time.NewTimer(time.Hour)
@@ -132,6 +161,7 @@ func (f *file) watchDir(ctx context.Context, apply func(*groups.Config) error, o
 			return err
 		case <-debounce.C:
 			burst = time.Time{}
+			follow()
 			f.read(apply)
 		}
 	}

@@ -280,3 +280,53 @@ func TestFileReloadWithBusyNeighbour(t *testing.T) {
 		t.Fatal("the edit was not applied within 3s")
 	}
 }
+
+// A groups file that is a symlink to a file in another directory (kept
+// there by a configuration tool, say) is edited where it lives: the change
+// shows in that directory, not in the link's, and must be seen all the
+// same, also after the link is pointed at a third directory.
+func TestFileSymlinkToAnotherDirectory(t *testing.T) {
+	root := t.TempDir()
+	for _, d := range []string{"etc", "v1", "v2"} {
+		if err := os.Mkdir(filepath.Join(root, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	path := filepath.Join(root, "etc", "groups.yml")
+	writeFile(t, filepath.Join(root, "v1", "groups.yml"), definition("a"))
+	if err := os.Symlink(filepath.Join(root, "v1", "groups.yml"), path); err != nil {
+		t.Fatal(err)
+	}
+	src, _ := openFile(t, path)
+	if _, err := src.Load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	a := newApplied()
+	watch(t, src, a)
+	// Let Watch's first read pass, so that only the watch can see what
+	// follows.
+	eventually(t, "healthy", func() bool { return src.Status() == nil })
+	time.Sleep(100 * time.Millisecond)
+
+	writeFile(t, filepath.Join(root, "v1", "groups.yml"), definition("b"))
+	a.waitLast(t, "b")
+
+	// Re-point the link (seen in etc/), then edit the new target in place.
+	writeFile(t, filepath.Join(root, "v2", "groups.yml"), definition("c"))
+	tmp := filepath.Join(root, "etc", ".groups.yml.tmp")
+	if err := os.Symlink(filepath.Join(root, "v2", "groups.yml"), tmp); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		t.Fatal(err)
+	}
+	a.waitLast(t, "c")
+	writeFile(t, filepath.Join(root, "v2", "groups.yml"), definition("d"))
+	a.waitLast(t, "d")
+	// The old target is no longer the definition.
+	writeFile(t, filepath.Join(root, "v1", "groups.yml"), definition("e"))
+	time.Sleep(200 * time.Millisecond)
+	if calls, want := a.snapshot(), [][]string{{"b"}, {"c"}, {"d"}}; !slices.EqualFunc(calls, want, slices.Equal) {
+		t.Errorf("applied %v, want %v", calls, want)
+	}
+}

@@ -131,6 +131,10 @@ func (s *remote) fetch(ctx context.Context, conditional bool) (data []byte, chan
 			req.Header.Set("If-Modified-Since", s.lastModified)
 		}
 		s.mu.Unlock()
+		// A 304 only means "unchanged" as an answer to validators; to a
+		// request without any (no body received yet, or the last one was
+		// not applied) it vouches for nothing.
+		conditional = req.Header.Get("If-None-Match") != "" || req.Header.Get("If-Modified-Since") != ""
 	}
 	resp, err := s.opts.HTTPClient.Do(req)
 	if err != nil {

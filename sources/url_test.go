@@ -9,6 +9,7 @@ import (
 	"net/http/httptest"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -256,5 +257,47 @@ func TestURLRefusedApplyIsRetriedAndReported(t *testing.T) {
 	}
 	if err := src.Status(); err != nil {
 		t.Errorf("Status() = %v once the definition was applied", err)
+	}
+}
+
+// A 304 is an answer to validators only: a server (or a cache in front of
+// it) answering 304 to a poll that sent none, here after a definition was
+// refused, has not said that the definition in force is current. The poll
+// is a failure, as it is for Load, not a healthy "unchanged".
+func TestURLNotModifiedWithoutValidatorsIsAFailure(t *testing.T) {
+	var notModified atomic.Bool
+	body := []byte(`groups: {a: {hosts: [a.example]}}`)
+	var mu sync.Mutex
+	ts := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if notModified.Load() {
+			w.WriteHeader(http.StatusNotModified)
+			return
+		}
+		mu.Lock()
+		defer mu.Unlock()
+		_, _ = w.Write(body) // no ETag, no Last-Modified
+	}))
+	defer ts.Close()
+	src, reg := openURL(t, ts.URL, 0)
+	if _, err := src.Load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	a := newApplied()
+	a.err = errors.New("refused")
+	mu.Lock()
+	body = []byte(`groups: {b: {hosts: [b.example]}}`)
+	mu.Unlock()
+	watch(t, src, a)
+	a.waitLast(t, "b")
+	notModified.Store(true)
+	before := reloads(t, reg, src.String(), "failure")
+	time.Sleep(300 * time.Millisecond) // several polls, all answered 304
+	if err := src.Status(); err == nil {
+		t.Error("Status nil: a 304 without validators reported as the definition in force")
+	} else if !strings.Contains(err.Error(), "304") {
+		t.Errorf("Status = %v, want the unexpected 304", err)
+	}
+	if after := reloads(t, reg, src.String(), "failure"); after <= before {
+		t.Errorf("failures %v -> %v: the 304s were not counted", before, after)
 	}
 }

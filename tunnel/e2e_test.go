@@ -385,10 +385,12 @@ func TestWildcardHosts(t *testing.T) {
 		tunnel.Group{Name: "wild", Hosts: []string{"*.example.com"}},
 		tunnel.Group{Name: "deeper", Hosts: []string{"*.api.example.com"}},
 		tunnel.Group{Name: "exact", Hosts: []string{"www.example.com", "bücher.example"}},
+		tunnel.Group{Name: "wild-idn", Hosts: []string{"*.Straße.example"}},
 	)
 	e.join(t, "wild", "wild", nil)
 	e.join(t, "deeper", "deeper", nil)
 	e.join(t, "exact", "exact", nil)
+	e.join(t, "wild-idn", "wild-idn", nil)
 	tests := []struct{ host, want string }{
 		{"a.example.com", "wild"},
 		{"a.b.example.com", "wild"},
@@ -396,6 +398,7 @@ func TestWildcardHosts(t *testing.T) {
 		{"api.example.com", "wild"},
 		{"WWW.example.com:80", "exact"},
 		{"xn--bcher-kva.example", "exact"},
+		{"shop.xn--strae-oqa.example", "wild-idn"},
 		{"example.com", ""},
 		{"other.com", ""},
 	}
