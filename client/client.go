@@ -489,9 +489,6 @@ func closeError(conn *quic.Conn, err error) error {
 // serve serves HTTP/3 on a registered connection until it ends, and
 // returns why it ended. Once retire is closed the connection drains.
 func (s *Server) serve(ctx context.Context, addr string, tlsConf *tls.Config, tc *tunnelConn, retire <-chan struct{}) error {
-	defer s.untrack(tc)
-	defer close(tc.done)
-
 	if s.OnConnectionReady != nil {
 		s.OnConnectionReady(ConnectionInfo{
 			Addr:       addr,
@@ -535,13 +532,34 @@ func (s *Server) serve(ctx context.Context, addr string, tlsConf *tls.Config, tc
 	// whole as if it were complete. The value stands for the tunnel and
 	// serves nothing; data connections carry their real http.Server.
 	tunnelServer := &http.Server{Handler: tc}
-	h3 := &http3.Server{Handler: tc, Logger: s.Logger, ConnContext: func(ctx context.Context, _ *quic.Conn) context.Context {
+	var h3Log *slog.Logger
+	if s.Logger != nil {
+		h3Log = slog.New(querylessHandler{s.Logger.Handler()})
+	}
+	h3 := &http3.Server{Handler: tc, Logger: h3Log, ConnContext: func(ctx context.Context, _ *quic.Conn) context.Context {
 		return context.WithValue(ctx, http.ServerContextKey, tunnelServer)
 	}}
-	serveErr := h3.ServeQUICConn(tc.conn)
-	// ServeQUICConn can also fail on a live connection (no control
-	// stream); do not leave it open.
-	tc.close(reasonClosed)
+	// ServeQUICConn returns only once every handler has. One that ignores
+	// its context must neither keep a lost connection from being dialled
+	// again nor DialAndServe from returning after Close, which net/http's
+	// Serve does not wait for either; the connection stays tracked until
+	// its handlers are done, so that Shutdown waits for them.
+	served := make(chan error, 1)
+	go func() {
+		defer s.untrack(tc)
+		defer close(tc.done)
+		err := h3.ServeQUICConn(tc.conn)
+		// ServeQUICConn can also fail on a live connection (no control
+		// stream); do not leave it open.
+		tc.close(reasonClosed)
+		tc.dataWG.Wait()
+		served <- err
+	}()
+	var serveErr error
+	select {
+	case serveErr = <-served:
+	case <-tc.conn.Context().Done():
+	}
 
 	cause := protocol.CloseError(context.Cause(tc.conn.Context()))
 	if serveErr != nil && !errors.Is(serveErr, cause) {

@@ -5,6 +5,7 @@ import (
 	"log/slog"
 	"net/http"
 	"runtime/debug"
+	"strings"
 	"sync"
 	"time"
 
@@ -86,10 +87,32 @@ func (tc *tunnelConn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		http.Error(w, "internal server error", http.StatusInternalServerError)
 	}()
 	if upgrade {
-		serveUpgrade(w, tc.handler, tc.conn.LocalAddr(), tc.conn.RemoteAddr(), tc.log)
+		serveUpgrade(w, tc.handler, tc.conn, tc.log)
 		return
 	}
 	tc.handler.ServeHTTP(rw, r)
+	if r.ProtoMajor == 3 && !rw.streamed && r.Method != http.MethodHead && hasTrailers(w.Header()) {
+		// http3 gives a response still unsent when the handler returns a
+		// Content-Length, and the tunnel server's HTTP/3 transport reads
+		// no trailers after a body of known length: the visitor would
+		// lose them. net/http sends a response with trailers without a
+		// length; so does a flush.
+		_ = http.NewResponseController(w).Flush()
+	}
+}
+
+// hasTrailers reports whether h declares response trailers, by the Trailer
+// header or the http.TrailerPrefix convention.
+func hasTrailers(h http.Header) bool {
+	if len(h["Trailer"]) > 0 {
+		return true
+	}
+	for k := range h {
+		if strings.HasPrefix(k, http.TrailerPrefix) {
+			return true
+		}
+	}
+	return false
 }
 
 func (tc *tunnelConn) release() {
@@ -169,6 +192,7 @@ func (tc *tunnelConn) isDraining() bool {
 type responseWriter struct {
 	http.ResponseWriter
 	wroteHeader bool
+	streamed    bool // the handler took the HTTP/3 stream over
 }
 
 func (w *responseWriter) WriteHeader(code int) {
@@ -201,6 +225,7 @@ func (w *responseWriter) FlushError() error {
 // the stream.
 func (w *responseWriter) HTTPStream() (*http3.Stream, error) {
 	w.wroteHeader = true
+	w.streamed = true
 	s, ok := w.ResponseWriter.(http3.HTTPStreamer)
 	if !ok {
 		return nil, http.ErrNotSupported
@@ -231,3 +256,30 @@ func (w *responseWriter) Settings() *http3.Settings {
 }
 
 var closedChan = func() chan struct{} { c := make(chan struct{}); close(c); return c }()
+
+// querylessHandler passes http3's log lines on without the query string of
+// the request URI that its per-request debug line carries: a visitor's
+// query may hold a secret (an access token), and the Server's own lines
+// name a request by its path only.
+type querylessHandler struct{ slog.Handler }
+
+func (h querylessHandler) Handle(ctx context.Context, r slog.Record) error {
+	out := slog.NewRecord(r.Time, r.Level, r.Message, r.PC)
+	r.Attrs(func(a slog.Attr) bool {
+		if a.Key == "uri" {
+			path, _, _ := strings.Cut(a.Value.String(), "?")
+			a.Value = slog.StringValue(path)
+		}
+		out.AddAttrs(a)
+		return true
+	})
+	return h.Handler.Handle(ctx, out)
+}
+
+func (h querylessHandler) WithAttrs(attrs []slog.Attr) slog.Handler {
+	return querylessHandler{h.Handler.WithAttrs(attrs)}
+}
+
+func (h querylessHandler) WithGroup(name string) slog.Handler {
+	return querylessHandler{h.Handler.WithGroup(name)}
+}

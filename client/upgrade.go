@@ -1,6 +1,7 @@
 package client
 
 import (
+	"crypto/tls"
 	"errors"
 	"log/slog"
 	"net"
@@ -8,6 +9,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
 
 	"github.com/reverst-dev/reverst/protocol"
@@ -22,7 +24,7 @@ func isUpgradeStream(r *http.Request) bool {
 // serveUpgrade accepts the upgrade stream and serves it as one HTTP/1.1
 // connection with h, so that handlers that hijack (WebSocket libraries) work
 // unchanged. It returns when that connection is closed.
-func serveUpgrade(w http.ResponseWriter, h http.Handler, local, remote net.Addr, log *slog.Logger) {
+func serveUpgrade(w http.ResponseWriter, h http.Handler, conn *quic.Conn, log *slog.Logger) {
 	streamer, ok := w.(http3.HTTPStreamer)
 	if !ok {
 		http.Error(w, "upgrade not supported", http.StatusNotImplemented)
@@ -37,7 +39,7 @@ func serveUpgrade(w http.ResponseWriter, h http.Handler, local, remote net.Addr,
 		log.Debug("upgrade stream unavailable", "error", err)
 		return
 	}
-	c := &streamConn{Stream: str, local: local, remote: remote, closed: make(chan struct{})}
+	c := &streamConn{Stream: str, local: conn.LocalAddr(), remote: conn.RemoteAddr(), tls: conn.ConnectionState().TLS, closed: make(chan struct{})}
 	srv := &http.Server{
 		Handler:           h,
 		ReadHeaderTimeout: 10 * time.Second,
@@ -50,12 +52,17 @@ func serveUpgrade(w http.ResponseWriter, h http.Handler, local, remote net.Addr,
 type streamConn struct {
 	*http3.Stream
 	local, remote net.Addr
+	tls           tls.ConnectionState
 	once          sync.Once
 	closed        chan struct{}
 }
 
 func (c *streamConn) LocalAddr() net.Addr  { return c.local }
 func (c *streamConn) RemoteAddr() net.Addr { return c.remote }
+
+// ConnectionState makes net/http set r.TLS to the tunnel's TLS state, as
+// http3 and the data connections do for every other request.
+func (c *streamConn) ConnectionState() tls.ConnectionState { return c.tls }
 
 func (c *streamConn) Close() error {
 	c.once.Do(func() { close(c.closed) })

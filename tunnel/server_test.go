@@ -8,7 +8,6 @@ import (
 	"io"
 	"net"
 	"net/http"
-	"net/http/httptest"
 	"strings"
 	"sync"
 	"testing"
@@ -19,6 +18,7 @@ import (
 
 	"github.com/reverst-dev/reverst/client"
 	"github.com/reverst-dev/reverst/internal/testpki"
+	"github.com/reverst-dev/reverst/internal/testtunnel"
 	"github.com/reverst-dev/reverst/protocol"
 	"github.com/reverst-dev/reverst/tunnel"
 )
@@ -52,54 +52,8 @@ func startServerWith(t testing.TB, configure func(*tunnel.Server), defs ...tunne
 // reach) otherwise.
 func startServerData(t testing.TB, samePort bool, configure func(*tunnel.Server), defs ...tunnel.Group) *env {
 	t.Helper()
-	pki := testpki.New(t)
-	udp, tcp, err := tunnel.Listen("127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	if !samePort {
-		tcp.Close()
-		if tcp, err = net.Listen("tcp", "127.0.0.1:0"); err != nil {
-			t.Fatal(err)
-		}
-	}
-	srv := &tunnel.Server{RegisterTimeout: 500 * time.Millisecond, DataConnections: true}
-	configure(srv)
-	tr := &quic.Transport{Conn: udp, VerifySourceAddress: srv.VerifySourceAddress, ConnContext: srv.ConnContext}
-	ln, err := tr.Listen(&tls.Config{
-		Certificates: []tls.Certificate{pki.Cert},
-		NextProtos:   []string{protocol.ALPN},
-		MinVersion:   tls.VersionTLS13,
-	}, &quic.Config{MaxIdleTimeout: 5 * time.Second, KeepAlivePeriod: time.Second})
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := srv.SetGroups(defs); err != nil {
-		t.Fatal(err)
-	}
-	served := make(chan error, 2)
-	go func() {
-		served <- srv.ServeData(tcp, &tls.Config{Certificates: []tls.Certificate{pki.Cert}, MinVersion: tls.VersionTLS13})
-	}()
-	go func() { served <- srv.Serve(ln) }()
-	front := httptest.NewServer(srv)
-	t.Cleanup(func() {
-		front.Close()
-		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		defer cancel()
-		if err := srv.Shutdown(ctx); err != nil {
-			t.Errorf("shutdown: %v", err)
-		}
-		ln.Close()
-		tcp.Close()
-		for range 2 {
-			if err := <-served; !errors.Is(err, tunnel.ErrServerClosed) {
-				t.Errorf("Serve or ServeData returned %v, want ErrServerClosed", err)
-			}
-		}
-		tr.Close()
-	})
-	return &env{srv: srv, addr: ln.Addr().String(), dataAddr: tcp.Addr().String(), frontend: front.URL, roots: pki.Pool, pki: pki}
+	ts := testtunnel.Start(t, configure, samePort, defs...)
+	return &env{srv: ts.Server, addr: ts.Addr, dataAddr: ts.DataAddr, frontend: ts.Frontend, roots: ts.PKI.Pool, pki: ts.PKI}
 }
 
 // paths runs f once with members on data connections and once with
