@@ -182,10 +182,22 @@ type Server struct {
 
 	batches sync.Pool // data connection write batches (see coalescingConn)
 
-	mu     sync.Mutex
-	closed bool
-	done   chan struct{} // closed by Shutdown and Close
-	conns  map[*tunnelConn]struct{}
+	mu         sync.Mutex
+	closed     bool
+	done       chan struct{} // closed by Shutdown and Close
+	conns      map[*tunnelConn]struct{}
+	onShutdown []func()
+}
+
+// RegisterOnShutdown registers f to be called, in a goroutine of its own,
+// when Shutdown starts, as net/http's Server.RegisterOnShutdown: handlers
+// that hold a response open (a WebSocket, an event stream) learn there
+// that they should end it, which Shutdown otherwise waits for until its
+// context is done.
+func (s *Server) RegisterOnShutdown(f func()) {
+	s.mu.Lock()
+	s.onShutdown = append(s.onShutdown, f)
+	s.mu.Unlock()
 }
 
 // ConnectionInfo describes a registered tunnel connection.
@@ -350,6 +362,11 @@ func (s *Server) dialLoop(ctx context.Context, rs *replicaSet, r *replica) error
 // closed at the first moment none is in flight.
 func (s *Server) Shutdown(ctx context.Context) error {
 	conns := s.close()
+	s.mu.Lock()
+	for _, f := range s.onShutdown {
+		go f()
+	}
+	s.mu.Unlock()
 	for _, tc := range conns {
 		tc.drain()
 	}

@@ -3,6 +3,7 @@ package client_test
 import (
 	"context"
 	"errors"
+	"io"
 	"net/http"
 	"testing"
 	"time"
@@ -73,4 +74,48 @@ func TestStopReturnsWhileHandlersRun(t *testing.T) {
 			}
 		})
 	}
+}
+
+// A handler holding a response open (an event stream here) learns from
+// RegisterOnShutdown that the server is stopping, and ends it: Shutdown
+// returns then, rather than at its deadline, and the visitor gets a
+// complete stream.
+func TestRegisterOnShutdownEndsLongResponses(t *testing.T) {
+	transports(t, func(t *testing.T, quicOnly bool) {
+		e := startRealServer(t)
+		stopping := make(chan struct{})
+		streaming := make(chan struct{})
+		srv := &client.Server{QUICOnly: quicOnly, Handler: http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) {
+			w.Header().Set("Content-Type", "text/event-stream")
+			_, _ = io.WriteString(w, "data: hello\n\n")
+			_ = http.NewResponseController(w).Flush()
+			close(streaming)
+			<-stopping
+			_, _ = io.WriteString(w, "data: bye\n\n")
+		})}
+		srv.RegisterOnShutdown(func() { close(stopping) })
+		errc := e.join(t, srv)
+		resp, err := http.DefaultClient.Do(e.request(t, t.Context(), http.MethodGet, "/events"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer resp.Body.Close()
+		<-streaming
+
+		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+		defer cancel()
+		start := time.Now()
+		if err := srv.Shutdown(ctx); err != nil {
+			t.Fatalf("Shutdown = %v after %v", err, time.Since(start))
+		}
+		if d := time.Since(start); d > 5*time.Second {
+			t.Errorf("Shutdown took %v", d)
+		}
+		if b, err := io.ReadAll(resp.Body); err != nil || string(b) != "data: hello\n\ndata: bye\n\n" {
+			t.Errorf("stream %q, %v", b, err)
+		}
+		if err := result(t, errc, 2*time.Second); !errors.Is(err, client.ErrServerClosed) {
+			t.Errorf("DialAndServe = %v, want ErrServerClosed", err)
+		}
+	})
 }
