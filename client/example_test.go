@@ -81,6 +81,33 @@ func ExampleServer_onConnectionReady() {
 	_ = srv
 }
 
+// An event stream that ends when the Server drains, so that Shutdown need
+// not wait for its context to end.
+func ExampleServer_RegisterOnShutdown() {
+	stopping := make(chan struct{})
+	srv := &client.Server{
+		TunnelGroup: "flipt.dev.local",
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/event-stream")
+			tick := time.NewTicker(time.Second)
+			defer tick.Stop()
+			for {
+				select {
+				case t := <-tick.C:
+					fmt.Fprintf(w, "data: %s\n\n", t.Format(time.RFC3339))
+					_ = http.NewResponseController(w).Flush()
+				case <-stopping:
+					return
+				case <-r.Context().Done():
+					return
+				}
+			}
+		}),
+	}
+	srv.RegisterOnShutdown(func() { close(stopping) })
+	_ = srv
+}
+
 func ExampleBasicAuthenticator() {
 	req := &protocol.RegisterRequest{Metadata: map[string]string{}}
 	_ = client.BasicAuthenticator("user", "pass").Authenticate(context.Background(), req)
