@@ -58,13 +58,14 @@ func Main(ctx context.Context, args []string, stderr io.Writer) int {
 func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
-	notAfter := prometheus.NewGaugeVec(prometheus.GaugeOpts{
-		Name: "reverst_certificate_not_after_timestamp_seconds",
-		Help: "When the certificate served expires, in Unix seconds, following its files as they are renewed: tunnel (QUIC, data connections, and the HTTPS frontend unless it has its own), https (the HTTPS frontend's own).",
-	}, []string{"certificate"})
-	reg.MustRegister(notAfter)
-	expiry := func(name string) func(*tls.Certificate) {
-		return func(c *tls.Certificate) { notAfter.WithLabelValues(name).Set(float64(c.Leaf.NotAfter.Unix())) }
+	// When the certificate served expires, read from the files on scrape
+	// (at most every keyPairCheck), as they are renewed.
+	expiry := func(name string, k *keyPair) {
+		reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Name:        "reverst_certificate_not_after_timestamp_seconds",
+			Help:        "When the certificate served expires, in Unix seconds, following its files as they are renewed: tunnel (QUIC, data connections, and the HTTPS frontend unless it has its own), https (the HTTPS frontend's own).",
+			ConstLabels: prometheus.Labels{"certificate": name},
+		}, k.NotAfter))
 	}
 
 	tunnelPair := &keyPair{
@@ -73,12 +74,12 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 		flags:      fmt.Sprintf("--certificate-path %q and --private-key-path %q", cfg.CertificatePath, cfg.PrivateKeyPath),
 		log:        logger,
 		serverName: cfg.ServerName,
-		loaded:     expiry("tunnel"),
 	}
 	cert, err := tunnelPair.load()
 	if err != nil {
 		return err
 	}
+	expiry("tunnel", tunnelPair)
 
 	srv := &tunnel.Server{
 		Logger:                logger.With("component", "tunnel"),
@@ -183,11 +184,11 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 				keyPath:  cfg.HTTPSPrivateKeyPath,
 				flags:    fmt.Sprintf("--https-certificate-path %q and --https-private-key-path %q", cfg.HTTPSCertificatePath, cfg.HTTPSPrivateKeyPath),
 				log:      logger,
-				loaded:   expiry("https"),
 			}
 			if _, err := httpsPair.load(); err != nil {
 				return err
 			}
+			expiry("https", httpsPair)
 		}
 		httpsLn, err := net.Listen("tcp", cfg.HTTPSAddress)
 		if err != nil {

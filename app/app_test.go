@@ -172,7 +172,8 @@ func TestRun(t *testing.T) {
 	}
 	if code, body := httpGet(t, http.DefaultClient, mgmt+"/metrics", ""); code != 200 ||
 		!strings.Contains(body, `reverst_group_members{group="svc"} 1`) ||
-		!strings.Contains(body, `reverst_proxied_requests_total{code="2xx",group="svc"} 2`) {
+		!strings.Contains(body, `reverst_proxied_requests_total{code="2xx",group="svc"} 2`) ||
+		!strings.Contains(body, `reverst_certificate_not_after_timestamp_seconds{certificate="tunnel"} `) {
 		t.Fatalf("metrics: %d\n%s", code, body)
 	}
 	if code, body := httpGet(t, http.DefaultClient, mgmt+"/healthz", ""); code != 200 {

@@ -27,14 +27,13 @@ type keyPair struct {
 	// serverName, when set, is the name a new certificate is expected to
 	// cover: one that does not is warned about.
 	serverName string
-	// loaded, when set, is called with every pair read, the first included.
-	loaded func(*tls.Certificate)
-	now    func() time.Time // tests move time; nil is time.Now
+	now        func() time.Time // tests move time; nil is time.Now
 
 	mu      sync.Mutex
 	cert    *tls.Certificate
 	stamps  [2]fileStamp // of the files cert was read from
-	bad     string       // the files and error last reported
+	bad     [2]fileStamp // of the files last reported not to load
+	badErr  string       // the error reported for them; "" when none
 	checked time.Time
 }
 
@@ -43,7 +42,21 @@ type keyPair struct {
 type fileStamp struct {
 	mod  time.Time
 	size int64
+	// file tells apart files whose time and size match: two versions
+	// of a pair with the same key type written within a tick of the
+	// filesystem's clock (a few ms on Linux), which a link re-pointed
+	// from one to the other would otherwise not show.
+	file os.FileInfo
 }
+
+func (s fileStamp) same(o fileStamp) bool {
+	if (s.file == nil) != (o.file == nil) || (s.file != nil && !os.SameFile(s.file, o.file)) {
+		return false
+	}
+	return s.mod.Equal(o.mod) && s.size == o.size
+}
+
+func sameFiles(a, b [2]fileStamp) bool { return a[0].same(b[0]) && a[1].same(b[1]) }
 
 // load reads the pair for the first time; an error stops the server.
 func (k *keyPair) load() (*tls.Certificate, error) {
@@ -66,19 +79,30 @@ func (k *keyPair) load() (*tls.Certificate, error) {
 // GetCertificate is the tls.Config hook: the current pair, read again
 // first if its files changed.
 func (k *keyPair) GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+	return k.get(), nil
+}
+
+// NotAfter is when the current pair expires, in Unix seconds, for a
+// gauge: read again first if its files changed, so that a renewal shows
+// on a server that has no handshake to make.
+func (k *keyPair) NotAfter() float64 {
+	return float64(k.get().Leaf.NotAfter.Unix())
+}
+
+func (k *keyPair) get() *tls.Certificate {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	if now := k.now(); now.Sub(k.checked) >= keyPairCheck {
 		k.checked = now
 		k.refresh()
 	}
-	return k.cert, nil
+	return k.cert
 }
 
 // refresh reads the files again if they changed since the last read.
 func (k *keyPair) refresh() {
 	stamps, err := k.stat()
-	if err == nil && stamps == k.stamps {
+	if err == nil && sameFiles(stamps, k.stamps) {
 		return
 	}
 	var cert *tls.Certificate
@@ -87,8 +111,8 @@ func (k *keyPair) refresh() {
 	}
 	if err != nil {
 		// Once for each version of the files, not at every check.
-		if report := fmt.Sprint(stamps, err); report != k.bad {
-			k.bad = report
+		if !sameFiles(stamps, k.bad) || err.Error() != k.badErr {
+			k.bad, k.badErr = stamps, err.Error()
 			k.log.Warn("certificate files changed but do not load; keeping the previous pair", "flags", k.flags, "error", err)
 		}
 		return
@@ -104,7 +128,7 @@ func (k *keyPair) stat() ([2]fileStamp, error) {
 		if err != nil {
 			return s, err
 		}
-		s[i] = fileStamp{fi.ModTime(), fi.Size()}
+		s[i] = fileStamp{fi.ModTime(), fi.Size(), fi}
 	}
 	return s, nil
 }
@@ -124,8 +148,5 @@ func (k *keyPair) read() (*tls.Certificate, error) {
 }
 
 func (k *keyPair) set(cert *tls.Certificate, stamps [2]fileStamp) {
-	k.cert, k.stamps, k.bad = cert, stamps, ""
-	if k.loaded != nil {
-		k.loaded(cert)
-	}
+	k.cert, k.stamps, k.badErr = cert, stamps, ""
 }

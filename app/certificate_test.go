@@ -83,16 +83,14 @@ func writePair(t *testing.T, certPath, keyPath string, certPEM, keyPEM []byte, m
 
 func TestKeyPairFollowsRenewal(t *testing.T) {
 	dir := t.TempDir()
-	first, second := testpki.New(t), testpki.New(t)
+	first, second := testpki.New(t), testpki.NewExpiring(t, time.Now().Add(90*24*time.Hour))
 	certPath, keyPath := first.WriteFiles(t, dir)
 	var logs bytes.Buffer
 	clock := &fakeClock{t: time.Now()}
-	var loaded []string
 	k := &keyPair{
 		certPath: certPath, keyPath: keyPath, flags: "the pair",
-		log:    slog.New(slog.NewTextHandler(&logs, nil)),
-		now:    clock.now,
-		loaded: func(c *tls.Certificate) { loaded = append(loaded, c.Leaf.SerialNumber.String()) },
+		log: slog.New(slog.NewTextHandler(&logs, nil)),
+		now: clock.now,
 	}
 	if _, err := k.load(); err != nil {
 		t.Fatal(err)
@@ -123,11 +121,31 @@ func TestKeyPairFollowsRenewal(t *testing.T) {
 	if got := servedCert(t, k); got != serial(second) {
 		t.Fatalf("serves %s after the renewal, want the second certificate %s", got, serial(second))
 	}
-	if want := []string{serial(first), serial(second)}; strings.Join(loaded, " ") != strings.Join(want, " ") {
-		t.Fatalf("loaded hook saw %v, want %v", loaded, want)
+	if got, want := k.NotAfter(), float64(second.Cert.Leaf.NotAfter.Unix()); got != want {
+		t.Fatalf("NotAfter = %v, want the renewed certificate's %v", got, want)
 	}
 	if !strings.Contains(logs.String(), "certificate reloaded") {
 		t.Fatalf("no reload logged:\n%s", logs.String())
+	}
+}
+
+// The expiry gauge follows a renewal on a server that makes no handshake.
+func TestKeyPairNotAfterWithoutHandshakes(t *testing.T) {
+	dir := t.TempDir()
+	first, second := testpki.New(t), testpki.NewExpiring(t, time.Now().Add(90*24*time.Hour))
+	certPath, keyPath := first.WriteFiles(t, dir)
+	clock := &fakeClock{t: time.Now()}
+	k := &keyPair{certPath: certPath, keyPath: keyPath, flags: "the pair", log: slog.New(slog.DiscardHandler), now: clock.now}
+	if _, err := k.load(); err != nil {
+		t.Fatal(err)
+	}
+	if got, want := k.NotAfter(), float64(first.Cert.Leaf.NotAfter.Unix()); got != want {
+		t.Fatalf("NotAfter = %v, want %v", got, want)
+	}
+	writePair(t, certPath, keyPath, second.CertPEM, second.KeyPEM, time.Now().Add(time.Minute))
+	clock.advance(keyPairCheck)
+	if got, want := k.NotAfter(), float64(second.Cert.Leaf.NotAfter.Unix()); got != want {
+		t.Fatalf("NotAfter = %v after the renewal, want %v", got, want)
 	}
 }
 

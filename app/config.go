@@ -51,7 +51,7 @@ type Config struct {
 
 func configOptions() []flagenv.Option {
 	return []flagenv.Option{
-		{Short: "l", Long: "log", Field: "Log", Usage: "debug, info, warn or error"},
+		{Short: "l", Long: "log", Field: "Log", Usage: "debug, info, warn or error; debug adds an access line per request"},
 		{Short: "a", Long: "tunnel-address", Field: "TunnelAddress", Usage: "address for accepting tunnelling quic connections"},
 		{Short: "s", Long: "http-address", Field: "HTTPAddress", Usage: "address for serving HTTP requests"},
 		{Short: "n", Long: "server-name", Field: "ServerName", Required: true, Usage: "server name used to identify tunnel via TLS"},

@@ -1,38 +1,19 @@
 package auth
 
 import (
-	"bytes"
 	"encoding/base64"
+	"github.com/reverst-dev/reverst/internal/testlog"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/reverst-dev/reverst/groups"
 )
-
-// syncBuffer is a bytes.Buffer safe for the concurrent writes of handlers.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // TestNoSecretsInLogs runs allow, deny and error cases of every strategy
 // with debug logging and checks that no credential appears in the log or in
@@ -60,7 +41,7 @@ func TestNoSecretsInLogs(t *testing.T) {
 		base64.StdEncoding.EncodeToString([]byte(user + ":" + wrongPass)),
 	}
 
-	var out syncBuffer
+	var out testlog.Buffer
 	log := slog.New(slog.NewTextHandler(&out, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	jsonLog := slog.New(slog.NewJSONHandler(&out, &slog.HandlerOptions{Level: slog.LevelDebug}))
 

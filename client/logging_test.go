@@ -1,34 +1,14 @@
 package client_test
 
 import (
-	"bytes"
+	"github.com/reverst-dev/reverst/internal/testlog"
 	"log/slog"
 	"net/http"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/reverst-dev/reverst/client"
 )
-
-// syncBuffer is a bytes.Buffer for a slog handler written from many
-// goroutines.
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.b.String()
-}
 
 // A visitor's query string may carry a secret (?access_token=...). The
 // Server's lines name a request by its path only, and reverst-tunnel's
@@ -37,7 +17,7 @@ func (b *syncBuffer) String() string {
 func TestDebugLogOmitsQuery(t *testing.T) {
 	transports(t, func(t *testing.T, quicOnly bool) {
 		e := startRealServer(t)
-		var logs syncBuffer
+		var logs testlog.Buffer
 		srv := &client.Server{
 			QUICOnly: quicOnly,
 			Logger:   slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})),

@@ -112,9 +112,18 @@ func Parse(data []byte) (*Config, error) {
 		return nil, fmt.Errorf("groups: %w", err)
 	}
 	// A second document ("---" and more groups, two files concatenated)
-	// would otherwise be left out without a word.
-	if err := dec.Decode(new(yaml.Node)); !errors.Is(err, io.EOF) {
-		return nil, errors.New("groups: more than one YAML document; put every group under one groups key")
+	// would otherwise be left out without a word. Empty ones (a trailing
+	// "---", maybe followed by comments) hold nothing to leave out, and
+	// files ending so loaded before.
+	for {
+		var extra yaml.Node
+		err := dec.Decode(&extra)
+		if errors.Is(err, io.EOF) {
+			break
+		}
+		if err != nil || !isNull(&extra) {
+			return nil, errors.New("groups: more than one YAML document; put every group under one groups key")
+		}
 	}
 	var doc yaml.Node
 	if err := yaml.Unmarshal(data, &doc); err != nil {

@@ -179,3 +179,25 @@ func TestTypeErrorHidesValue(t *testing.T) {
 		}
 	}
 }
+
+// TestParseEmptyTrailingDocument: a lone "---" after the definition (the
+// separator generated manifests and concatenating tools leave, or an
+// example commented out under it) starts a document with nothing in it.
+// Such files loaded before multi-document definitions were refused, and
+// must still load, or the server no longer starts on them.
+func TestParseEmptyTrailingDocument(t *testing.T) {
+	for _, def := range []string{
+		"groups: {a: {hosts: [a]}}\n---\n",
+		"---\ngroups: {a: {hosts: [a]}}\n---\n# groups: {b: {hosts: [b]}}\n",
+		"groups: {a: {hosts: [a]}}\n---\n~\n---\n",
+	} {
+		c, err := Parse([]byte(def))
+		if err != nil {
+			t.Errorf("%q: %v", def, err)
+			continue
+		}
+		if len(c.Groups) != 1 {
+			t.Errorf("%q: groups %v, want a", def, c.Groups)
+		}
+	}
+}

@@ -88,9 +88,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 
 	"github.com/quic-go/quic-go"
 	"github.com/vmihailenco/msgpack/v5"
+	"github.com/vmihailenco/msgpack/v5/msgpcode"
 )
 
 // ALPN is the TLS application protocol negotiated by tunnel connections.
@@ -238,11 +240,11 @@ func NewControlReader(r io.Reader) *ControlReader {
 
 // Next returns the next message; io.EOF when the peer closed the stream.
 func (c *ControlReader) Next() (*ControlMessage, error) {
-	var wire struct{ Type boundedString }
-	if err := c.dec.Decode(&wire); err != nil {
+	var typ boundedString
+	if err := decodeStruct(c.dec, field{"Type", &typ}); err != nil {
 		return nil, err
 	}
-	return &ControlMessage{Type: string(wire.Type)}, nil
+	return &ControlMessage{Type: string(typ)}, nil
 }
 
 // Authorization returns the credentials presented in the request metadata.
@@ -268,7 +270,7 @@ func ReadRequest(r io.Reader) (*RegisterRequest, error) {
 		TunnelGroup boundedString
 		Metadata    metadata
 	}
-	if err := decode(r, &wire); err != nil {
+	if err := decode(r, field{"Version", &wire.Version}, field{"TunnelGroup", &wire.TunnelGroup}, field{"Metadata", &wire.Metadata}); err != nil {
 		return nil, fmt.Errorf("%w: %w", ErrBadRequest, err)
 	}
 	req := RegisterRequest{Version: wire.Version, TunnelGroup: string(wire.TunnelGroup), Metadata: wire.Metadata}
@@ -290,7 +292,7 @@ func ReadResponse(r io.Reader) (*RegisterResponse, error) {
 		Metadata metadata
 		Body     boundedBytes
 	}
-	if err := decode(r, &wire); err != nil {
+	if err := decode(r, field{"Version", &wire.Version}, field{"Code", &wire.Code}, field{"Metadata", &wire.Metadata}, field{"Body", &wire.Body}); err != nil {
 		return nil, fmt.Errorf("decoding register response: %w", err)
 	}
 	resp := RegisterResponse{Version: wire.Version, Code: wire.Code, Metadata: wire.Metadata, Body: []byte(wire.Body)}
@@ -379,9 +381,111 @@ func readBounded(dec *msgpack.Decoder) ([]byte, error) {
 	return b, nil
 }
 
-func decode(r io.Reader, v any) error {
+// field is a key of a message and where its value is decoded.
+type field struct {
+	name string
+	v    any
+}
+
+// maxSkipDepth bounds the nesting of an unknown value: real peers send
+// none, and each level is a frame of skip's recursion.
+const maxSkipDepth = 16
+
+// decodeStruct decodes a message as msgpack decodes a struct with these
+// fields (a map keyed by field name, nil, or an array of every field in
+// order), except that keys and the values of unknown keys are read with
+// readBounded: msgpack reads both setting aside up to 1 MiB for the length
+// they announce, before reading any of it.
+func decodeStruct(dec *msgpack.Decoder, fields ...field) error {
+	c, err := dec.PeekCode()
+	if err != nil {
+		return err
+	}
+	if msgpcode.IsFixedArray(c) || c == msgpcode.Array16 || c == msgpcode.Array32 {
+		n, err := dec.DecodeArrayLen()
+		if err != nil || n <= 0 {
+			return err
+		}
+		if n != len(fields) {
+			return fmt.Errorf("array of %d values for a message of %d fields", n, len(fields))
+		}
+		for _, f := range fields {
+			if err := dec.Decode(f.v); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	n, err := dec.DecodeMapLen()
+	if err != nil {
+		return err
+	}
+	for range n {
+		key, err := readBounded(dec)
+		if err != nil {
+			return err
+		}
+		i := slices.IndexFunc(fields, func(f field) bool { return f.name == string(key) })
+		if i < 0 {
+			err = skip(dec, 0)
+		} else {
+			err = dec.Decode(fields[i].v)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// skip reads past one value as msgpack's Skip does, with strings, binaries
+// and extensions read by readBounded.
+func skip(dec *msgpack.Decoder, depth int) error {
+	if depth > maxSkipDepth {
+		return fmt.Errorf("value nested over %d levels", maxSkipDepth)
+	}
+	c, err := dec.PeekCode()
+	if err != nil {
+		return err
+	}
+	n := 0
+	switch {
+	case msgpcode.IsString(c) || msgpcode.IsBin(c):
+		_, err = readBounded(dec)
+		return err
+	case msgpcode.IsExt(c):
+		_, size, err := dec.DecodeExtHeader()
+		if err != nil {
+			return err
+		}
+		if size > MaxMessageSize {
+			return fmt.Errorf("extension of %d bytes", size)
+		}
+		return dec.ReadFull(make([]byte, size))
+	case msgpcode.IsFixedMap(c) || c == msgpcode.Map16 || c == msgpcode.Map32:
+		n, err = dec.DecodeMapLen()
+		n *= 2
+	case msgpcode.IsFixedArray(c) || c == msgpcode.Array16 || c == msgpcode.Array32:
+		n, err = dec.DecodeArrayLen()
+	default: // numbers, nil and booleans: a few bytes at most
+		return dec.Skip()
+	}
+	if err != nil {
+		return err
+	}
+	// Every value takes a byte at least, so a made-up count ends at the
+	// end of the message.
+	for range n {
+		if err := skip(dec, depth+1); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func decode(r io.Reader, fields ...field) error {
 	dec := msgpack.NewDecoder(io.LimitReader(r, MaxMessageSize))
-	if err := dec.Decode(v); err != nil {
+	if err := decodeStruct(dec, fields...); err != nil {
 		if errors.Is(err, io.EOF) {
 			return io.ErrUnexpectedEOF
 		}

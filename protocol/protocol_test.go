@@ -53,6 +53,11 @@ func TestReadRequest(t *testing.T) {
 		{"empty", nil, "", true},
 		// msgpack/v5, which existing peers use, also takes a struct as an array.
 		{"array form", []byte("\x93\x01\xa1g\xc0"), "g", false},
+		{"nil group", []byte("\x82\xa7Version\x01\xabTunnelGroup\xc0"), "", true},
+		{"bin group and key", []byte("\x82\xa7Version\x01\xc4\x0bTunnelGroup\xc4\x01g"), "g", false},
+		{"str16 group", []byte("\x82\xa7Version\x01\xabTunnelGroup\xda\x00\x01g"), "g", false},
+		{"unknown nested keys", []byte("\x83\xa7Version\x01\xa5Extra\x92\x81\xa1k\xc4\x01v\xd6\x01abcd\xabTunnelGroup\xa1g"), "g", false},
+		{"array form, wrong length", []byte("\x92\x01\xa1g"), "", true},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -123,6 +128,13 @@ func TestHugeStringLengthIsNotPreallocated(t *testing.T) {
 		{"response metadata value", response, "\x81\xa8Metadata\x81\xa1k" + str32},
 		{"response body", response, "\x81\xa4Body" + bin32},
 		{"control message", func(r io.Reader) error { _, err := NewControlReader(r).Next(); return err }, "\x81\xa4Type" + str32},
+		// Keys, and the values of unknown keys (skipped), are strings too.
+		{"request key", request, "\x81" + str32},
+		{"response key", response, "\x81" + bin32},
+		{"control message key", func(r io.Reader) error { _, err := NewControlReader(r).Next(); return err }, "\x81" + str32},
+		{"request unknown value", request, "\x81\xa5Extra" + str32},
+		{"request unknown nested value", request, "\x81\xa5Extra\x91\x81\xa1k" + bin32},
+		{"response unknown ext value", response, "\x81\xa5Extra\xc9\xff\xff\xff\xff\x01"},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
 			var before, after runtime.MemStats

@@ -145,6 +145,13 @@ func (f *file) watchDir(ctx context.Context, apply func(*groups.Config) error, o
 			if ev.Name == f.dir && ev.Has(fsnotify.Remove|fsnotify.Rename) {
 				return errDirGone
 			}
+			if target != "" && ev.Name == target && ev.Has(fsnotify.Remove|fsnotify.Rename) {
+				// Its watch went with it: a directory put in its place
+				// under the same name needs one of its own, which follow
+				// adds only for a target it does not watch yet.
+				_ = w.Remove(target) // gone already when it was removed
+				target = ""
+			}
 			// Any change in the directory may be ours (a symlink chain
 			// can run through other names in it); reading is cheap and
 			// an unchanged file is skipped by its hash.

@@ -330,3 +330,46 @@ func TestFileSymlinkToAnotherDirectory(t *testing.T) {
 		t.Errorf("applied %v, want %v", calls, want)
 	}
 }
+
+// The directory a symlinked groups file points into may be replaced whole
+// under the same name (a deployment removing it and putting a new one in
+// its place): its watch went with the old directory, and edits made in
+// place in the new one must still be seen.
+func TestFileSymlinkTargetDirectoryReplaced(t *testing.T) {
+	root := t.TempDir()
+	for _, d := range []string{"etc", "conf"} {
+		if err := os.Mkdir(filepath.Join(root, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	path := filepath.Join(root, "etc", "groups.yml")
+	writeFile(t, filepath.Join(root, "conf", "groups.yml"), definition("a"))
+	if err := os.Symlink(filepath.Join(root, "conf", "groups.yml"), path); err != nil {
+		t.Fatal(err)
+	}
+	src, _ := openFile(t, path)
+	if _, err := src.Load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	a := newApplied()
+	watch(t, src, a)
+	eventually(t, "healthy", func() bool { return src.Status() == nil })
+	time.Sleep(100 * time.Millisecond)
+
+	// The new directory is prepared beside the old one, then put in its
+	// place.
+	next := filepath.Join(root, "conf.next")
+	if err := os.Mkdir(next, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	writeFile(t, filepath.Join(next, "groups.yml"), definition("b"))
+	if err := os.RemoveAll(filepath.Join(root, "conf")); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(next, filepath.Join(root, "conf")); err != nil {
+		t.Fatal(err)
+	}
+	a.waitLast(t, "b")
+	writeFile(t, filepath.Join(root, "conf", "groups.yml"), definition("c"))
+	a.waitLast(t, "c")
+}

@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/reverst-dev/reverst/internal/testlog"
 	"io"
 	"log/slog"
 	"net"
@@ -149,6 +150,42 @@ func TestRequestThroughTunnel(t *testing.T) {
 			}
 		}
 	})
+}
+
+// At debug level the server writes one line per request, as an access
+// log, without the query string, which may hold a visitor's secret.
+func TestDebugAccessLine(t *testing.T) {
+	log, logs := testlog.Debug()
+	e := startServerWith(t, func(s *tunnel.Server) { s.Logger = log }, svc)
+	e.join(t, "svc", "a", nil)
+	if code, body := e.get(t, "svc.example", "/fo?access_token=s3cret"); code != http.StatusOK {
+		t.Fatalf("got %d %q", code, body)
+	}
+	if code, _ := e.get(t, "nobody.example", "/x"); code != http.StatusBadGateway {
+		t.Fatalf("unknown host: %d", code)
+	}
+	var lines []string
+	for line := range strings.Lines(logs.String()) {
+		if strings.Contains(line, "msg=request ") {
+			lines = append(lines, line)
+		}
+		if strings.Contains(line, "s3cret") {
+			t.Errorf("the log has the query string: %s", line)
+		}
+	}
+	if len(lines) != 2 {
+		t.Fatalf("%d access lines, want 2:\n%s", len(lines), logs.String())
+	}
+	for i, want := range [][]string{
+		{"group=svc", "method=GET", "host=svc.example", "path=/fo", "status=200", "duration=", "remote=127.0.0.1:"},
+		{`group=""`, "host=nobody.example", "path=/x", "status=502"},
+	} {
+		for _, w := range want {
+			if !strings.Contains(lines[i], w) {
+				t.Errorf("access line %q lacks %q", lines[i], w)
+			}
+		}
+	}
 }
 
 func TestRequestsSpreadOverMembers(t *testing.T) {

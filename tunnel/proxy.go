@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io"
+	"log/slog"
 	"net/http"
 	"strings"
 	"sync"
@@ -53,29 +54,54 @@ func (s *Server) maxResponseHeaderBytes() int {
 // 502, a group without members 503, each with a short text body.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
+	group, status := "", 0
+	defer func() {
+		// Deferred, so that a response cut short (a panic with
+		// http.ErrAbortHandler) is counted too.
+		s.Metrics.request(group, status, time.Since(start))
+		s.logRequest(r, group, status, time.Since(start))
+	}()
 	if !httpguts.ValidHostHeader(r.Host) {
 		// An absolute-form target is not checked by net/http as a Host
 		// header is.
-		s.Metrics.request("", http.StatusBadRequest, time.Since(start))
-		textError(w, "reverst: invalid host\n", http.StatusBadRequest)
+		status = http.StatusBadRequest
+		textError(w, "reverst: invalid host\n", status)
 		return
 	}
 	g := s.table.Load().lookupHost(groups.NormalizeHost(s.routingHost(r)))
 	if g == nil {
-		s.Metrics.request("", http.StatusBadGateway, time.Since(start))
-		textError(w, bodyUnknownHost, http.StatusBadGateway)
+		status = http.StatusBadGateway
+		textError(w, bodyUnknownHost, status)
 		return
 	}
+	group = g.name
 	if isUpgrade(r) {
-		status := s.serveUpgrade(w, r, g)
-		s.Metrics.request(g.name, status, time.Since(start))
+		status = s.serveUpgrade(w, r, g)
 		return
 	}
-	status, abort := s.forward(w, r, g)
-	s.Metrics.request(g.name, status, time.Since(start))
+	var abort bool
+	status, abort = s.forward(w, r, g)
 	if abort {
 		panic(http.ErrAbortHandler)
 	}
+}
+
+// logRequest writes a request's access line, at debug level. The query
+// string is left out: it may carry a visitor's secret (an access token).
+func (s *Server) logRequest(r *http.Request, group string, status int, d time.Duration) {
+	log := s.logger()
+	if !log.Enabled(r.Context(), slog.LevelDebug) {
+		return
+	}
+	log.LogAttrs(r.Context(), slog.LevelDebug, "request",
+		slog.String("group", group),
+		slog.String("method", r.Method),
+		slog.String("host", r.Host),
+		slog.String("path", r.URL.Path),
+		slog.Int("status", status),
+		slog.Duration("duration", d),
+		slog.String("remote", r.RemoteAddr),
+		slog.String("proto", r.Proto))
 }
 
 // routingHost is the host a request is routed by.

@@ -33,6 +33,12 @@ type PKI struct {
 // addresses in text form. Without names it covers localhost and 127.0.0.1.
 func New(t testing.TB, names ...string) *PKI {
 	t.Helper()
+	return NewExpiring(t, time.Now().Add(time.Hour), names...)
+}
+
+// NewExpiring is New with a certificate that expires at notAfter.
+func NewExpiring(t testing.TB, notAfter time.Time, names ...string) *PKI {
+	t.Helper()
 	if len(names) == 0 {
 		names = []string{"localhost", "127.0.0.1"}
 	}
@@ -44,7 +50,7 @@ func New(t testing.TB, names ...string) *PKI {
 		SerialNumber:          big.NewInt(time.Now().UnixNano()),
 		Subject:               pkix.Name{CommonName: names[0]},
 		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(time.Hour),
+		NotAfter:              notAfter,
 		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageCertSign,
 		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 		BasicConstraintsValid: true,
