@@ -48,6 +48,11 @@ func Main(ctx context.Context, args []string, stderr io.Writer) int {
 	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
 	if err := Run(ctx, cfg, logger); err != nil {
 		logger.Error("reverst stopped", "error", err)
+		if errors.Is(err, ErrUsage) {
+			// A setting found wrong only once used, such as a groups
+			// source of an unknown scheme.
+			return 2
+		}
 		return 1
 	}
 	return 0
@@ -68,10 +73,11 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 		}, k.NotAfter))
 	}
 
+	name := cfg.settings().Name
 	tunnelPair := &keyPair{
 		certPath:   cfg.CertificatePath,
 		keyPath:    cfg.PrivateKeyPath,
-		flags:      fmt.Sprintf("--certificate-path %q and --private-key-path %q", cfg.CertificatePath, cfg.PrivateKeyPath),
+		flags:      fmt.Sprintf("%s %q and %s %q", name("certificate-path"), cfg.CertificatePath, name("private-key-path"), cfg.PrivateKeyPath),
 		log:        logger,
 		serverName: cfg.ServerName,
 	}
@@ -111,7 +117,7 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 		PollInterval: cfg.GroupsPoll,
 	})
 	if err != nil {
-		return fmt.Errorf("--tunnel-groups: %w", err)
+		return fmt.Errorf("%w: %s: %w", ErrUsage, name("tunnel-groups"), err)
 	}
 	initial, err := source.Load(ctx)
 	if err != nil {
@@ -120,7 +126,7 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 			logger.Info("reverst stopped before it started")
 			return nil
 		}
-		return fmt.Errorf("loading tunnel groups: %w", err)
+		return fmt.Errorf("loading tunnel groups of %s: %w", name("tunnel-groups"), err)
 	}
 	if err := w.apply(initial); err != nil {
 		return fmt.Errorf("applying tunnel groups from %s: %w", source, err)
@@ -132,7 +138,7 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	}
 	udp, dataLn, err := tunnel.Listen(cfg.TunnelAddress)
 	if err != nil {
-		return fmt.Errorf("--tunnel-address %q: %w", cfg.TunnelAddress, err)
+		return fmt.Errorf("%s %q: %w", name("tunnel-address"), cfg.TunnelAddress, err)
 	}
 	defer dataLn.Close()
 	tr := &quic.Transport{
@@ -158,12 +164,12 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 		MaxIncomingStreams: 1,
 	})
 	if err != nil {
-		return fmt.Errorf("--tunnel-address %q: %w", cfg.TunnelAddress, err)
+		return fmt.Errorf("%s %q: %w", name("tunnel-address"), cfg.TunnelAddress, err)
 	}
 	defer ln.Close()
 	frontendLn, err := net.Listen("tcp", cfg.HTTPAddress)
 	if err != nil {
-		return fmt.Errorf("--http-address %q: %w", cfg.HTTPAddress, err)
+		return fmt.Errorf("%s %q: %w", name("http-address"), cfg.HTTPAddress, err)
 	}
 	defer frontendLn.Close()
 	newFrontend := func() *http.Server {
@@ -182,7 +188,7 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 			httpsPair = &keyPair{
 				certPath: cfg.HTTPSCertificatePath,
 				keyPath:  cfg.HTTPSPrivateKeyPath,
-				flags:    fmt.Sprintf("--https-certificate-path %q and --https-private-key-path %q", cfg.HTTPSCertificatePath, cfg.HTTPSPrivateKeyPath),
+				flags:    fmt.Sprintf("%s %q and %s %q", name("https-certificate-path"), cfg.HTTPSCertificatePath, name("https-private-key-path"), cfg.HTTPSPrivateKeyPath),
 				log:      logger,
 			}
 			if _, err := httpsPair.load(); err != nil {
@@ -192,7 +198,7 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 		}
 		httpsLn, err := net.Listen("tcp", cfg.HTTPSAddress)
 		if err != nil {
-			return fmt.Errorf("--https-address %q: %w", cfg.HTTPSAddress, err)
+			return fmt.Errorf("%s %q: %w", name("https-address"), cfg.HTTPSAddress, err)
 		}
 		defer httpsLn.Close()
 		https := newFrontend()
@@ -248,7 +254,7 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	if cfg.ManagementAddress != "" {
 		mgmtLn, err := net.Listen("tcp", cfg.ManagementAddress)
 		if err != nil {
-			return fmt.Errorf("--management-address %q: %w", cfg.ManagementAddress, err)
+			return fmt.Errorf("%s %q: %w", name("management-address"), cfg.ManagementAddress, err)
 		}
 		defer mgmtLn.Close()
 		mgmt := managementServer(w.management(source))
@@ -309,9 +315,9 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 	})
 
 	w.ready.Store(true)
-	name, err := supervise(tasks)
+	failed, err := supervise(tasks)
 	if err != nil {
-		return fmt.Errorf("%s: %w", name, err)
+		return fmt.Errorf("%s: %w", failed, err)
 	}
 	logger.Info("reverst stopped cleanly")
 	return nil

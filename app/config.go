@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net"
 	"time"
 
 	"github.com/reverst-dev/reverst/internal/flagenv"
@@ -146,6 +147,22 @@ func (c *Config) validate() error {
 			errs = append(errs, fmt.Errorf("%s: must not be negative, got %v", name(n.long), n.v))
 		}
 	}
+	for _, a := range []struct {
+		long, network, v string
+		optional         bool
+	}{
+		{"tunnel-address", "udp", c.TunnelAddress, false},
+		{"http-address", "tcp", c.HTTPAddress, false},
+		{"https-address", "tcp", c.HTTPSAddress, true},
+		{"management-address", "tcp", c.ManagementAddress, true},
+	} {
+		if a.v == "" && a.optional {
+			continue
+		}
+		if err := checkAddress(a.network, a.v); err != nil {
+			errs = append(errs, fmt.Errorf("%s: %w", name(a.long), err))
+		}
+	}
 	if c.MaxHeaderBytes < 1024 {
 		errs = append(errs, fmt.Errorf("%s: must be at least 1024, got %d", name("max-header-bytes"), c.MaxHeaderBytes))
 	}
@@ -167,4 +184,18 @@ func (c *Config) level() (slog.Level, error) {
 		return 0, fmt.Errorf("--log (%sLOG): %w", EnvPrefix, err)
 	}
 	return l, nil
+}
+
+// checkAddress tells whether a listen address is HOST:PORT with a port
+// net.Listen takes (a number up to 65535 or a service name), so that a
+// mistyped address is a usage error rather than a failure after start.
+func checkAddress(network, addr string) error {
+	_, port, err := net.SplitHostPort(addr)
+	if err == nil {
+		_, err = net.LookupPort(network, port)
+	}
+	if err != nil {
+		return fmt.Errorf("invalid address %q, want HOST:PORT such as 127.0.0.1:7171 or :7171: %w", addr, err)
+	}
+	return nil
 }

@@ -2,12 +2,16 @@ package app
 
 import (
 	"bytes"
+	"context"
 	"errors"
 	"flag"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/reverst-dev/reverst/internal/testnet"
 )
 
 var required = []string{"-n", "flipt.dev.local", "-k", "key.pem", "-c", "cert.pem"}
@@ -83,6 +87,9 @@ func TestParseConfigErrors(t *testing.T) {
 		{"duration not positive", required, map[string]string{"REVERST_SHUTDOWN_TIMEOUT": "0s"}, []string{"--shutdown-timeout (REVERST_SHUTDOWN_TIMEOUT): must be positive"}},
 		{"negative burst", required, map[string]string{"REVERST_REGISTRATION_BURST": "-1"}, []string{"--registration-burst (REVERST_REGISTRATION_BURST): must not be negative, got -1"}},
 		{"keep-alive not shorter than idle", append([]string{"--keep-alive-period", "2m"}, required...), nil, []string{"--keep-alive-period"}},
+		{"tunnel port out of range", required, map[string]string{"REVERST_TUNNEL_ADDRESS": "127.0.0.1:99999"}, []string{`--tunnel-address (REVERST_TUNNEL_ADDRESS): invalid address "127.0.0.1:99999"`}},
+		{"http address without port", append([]string{"-s", "localhost"}, required...), nil, []string{`--http-address (REVERST_HTTP_ADDRESS): invalid address "localhost"`, "HOST:PORT"}},
+		{"management address without port", required, map[string]string{"REVERST_MANAGEMENT_ADDRESS": "8080"}, []string{"--management-address (REVERST_MANAGEMENT_ADDRESS)"}},
 		{"unknown flag", []string{"--nope"}, nil, []string{"nope"}},
 		{"stray argument", append([]string{"serve"}, required...), nil, []string{"serve"}},
 	}
@@ -130,5 +137,42 @@ func TestHelpListsEveryFlagAndEnv(t *testing.T) {
 		if d := f.Tag.Get("envDefault"); d != "" && !strings.Contains(usage, "(default: "+d+")") {
 			t.Errorf("usage lacks the default of %s, %s", f.Name, d)
 		}
+	}
+}
+
+// Settings that only prove wrong once used still name the flag and the
+// variable, and a groups source of an unknown scheme is a usage error
+// (status 2) like any other invalid setting.
+func TestMainNamesTheSettingAtFault(t *testing.T) {
+	dir := t.TempDir()
+	base := []string{
+		"-n", "flipt.dev.local", "-k", "../examples/simple/server.key",
+		"-a", testnet.Addr(t, testnet.Tunnel), "-s", testnet.Addr(t, testnet.TCP),
+	}
+	tests := []struct {
+		name string
+		args []string
+		code int
+		want []string
+	}{
+		{"groups source of unknown scheme", []string{"-c", "../examples/simple/server.crt", "-g", "ftp://example/groups.yml"}, 2,
+			[]string{"--tunnel-groups (REVERST_TUNNEL_GROUPS)", `unsupported scheme \"ftp\"`}},
+		{"groups file missing", []string{"-c", "../examples/simple/server.crt", "-g", filepath.Join(dir, "groups.yml")}, 1,
+			[]string{"--tunnel-groups (REVERST_TUNNEL_GROUPS)", "no such file"}},
+		{"certificate missing", []string{"-c", filepath.Join(dir, "server.crt"), "-g", "../examples/simple/group.yml"}, 1,
+			[]string{"--certificate-path (REVERST_CERTIFICATE_PATH)", "--private-key-path (REVERST_PRIVATE_KEY_PATH)"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var out bytes.Buffer
+			if code := Main(context.Background(), append(tt.args, base...), &out); code != tt.code {
+				t.Errorf("exit status %d, want %d; output:\n%s", code, tt.code, out.String())
+			}
+			for _, w := range tt.want {
+				if !strings.Contains(out.String(), w) {
+					t.Errorf("output does not mention %q:\n%s", w, out.String())
+				}
+			}
+		})
 	}
 }

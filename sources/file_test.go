@@ -13,6 +13,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/reverst-dev/reverst/groups"
+	"github.com/reverst-dev/reverst/internal/testlog"
 )
 
 func openFile(t *testing.T, path string) (Source, *prometheus.Registry) {
@@ -218,6 +219,36 @@ func TestFileMissingThenCreated(t *testing.T) {
 	watch(t, src, a)
 	writeFile(t, path, definition("a"))
 	a.waitLast(t, "a")
+}
+
+// A source that fails before any definition was loaded says so, instead
+// of claiming to keep a last good definition it never had.
+func TestFileFailingLogsWhetherADefinitionIsKept(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "groups.yml")
+	logger, logs := testlog.Debug()
+	src, err := Open(path, Options{Logger: logger, Registerer: prometheus.NewRegistry()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := src.Load(context.Background()); err == nil {
+		t.Fatal("Load of a missing file succeeded")
+	}
+	if got := logs.String(); strings.Contains(got, "last good") || !strings.Contains(got, "no definition loaded yet") {
+		t.Fatalf("log of a first load that failed:\n%s", got)
+	}
+	writeFile(t, path, definition("a"))
+	if _, err := src.Load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := src.Load(context.Background()); err == nil {
+		t.Fatal("Load of a removed file succeeded")
+	}
+	if got := logs.String(); !strings.Contains(got, "keeping the last good definition") {
+		t.Fatalf("log of a load that failed after a good one:\n%s", got)
+	}
 }
 
 func TestFileTooLarge(t *testing.T) {

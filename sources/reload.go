@@ -138,12 +138,18 @@ func (r *reloader) unchanged() {
 	}
 }
 
-// fail records a failure to read the definition; the last good one stays.
+// fail records a failure to read the definition; the last good one stays,
+// if there is one.
 func (r *reloader) fail(err error) {
 	r.mu.Lock()
 	r.status = err
+	haveGood := r.haveGood
 	r.mu.Unlock()
 	r.failure.Inc()
+	if !haveGood {
+		r.log.Warn("tunnel groups source failing, no definition loaded yet", "error", err)
+		return
+	}
 	r.log.Warn("tunnel groups source failing, keeping the last good definition", "error", err)
 }
 

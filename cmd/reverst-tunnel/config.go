@@ -107,7 +107,9 @@ func (c *config) validate(args []string, name func(long string) string) error {
 	if c.Group == "" {
 		errs = append(errs, fmt.Errorf("missing the tunnel group: -g/%s", name("group")))
 	}
-	if _, _, err := net.SplitHostPort(c.TunnelAddress); err != nil {
+	if _, port, err := net.SplitHostPort(c.TunnelAddress); err != nil {
+		errs = append(errs, fmt.Errorf("%s %q: %w", name("tunnel-address"), c.TunnelAddress, err))
+	} else if _, err := net.LookupPort("udp", port); err != nil {
 		errs = append(errs, fmt.Errorf("%s %q: %w", name("tunnel-address"), c.TunnelAddress, err))
 	}
 	if c.CAFile != "" && c.Insecure {
@@ -154,6 +156,13 @@ func parseTarget(s string) (*url.URL, error) {
 	if u.User != nil || u.Fragment != "" {
 		return nil, fmt.Errorf("target %q: no user info or fragment allowed", s)
 	}
+	// url.Parse takes any digits as a port; one out of range would only
+	// show as a 502 on every request.
+	if p := u.Port(); p != "" {
+		if _, err := net.LookupPort("tcp", p); err != nil {
+			return nil, fmt.Errorf("target %q: %w", s, err)
+		}
+	}
 	return u, nil
 }
 
@@ -170,13 +179,15 @@ func (c *config) level() (slog.Level, error) {
 func (c *config) tlsConfig() (*tls.Config, error) {
 	conf := &tls.Config{ServerName: c.ServerName, InsecureSkipVerify: c.Insecure} //nolint:gosec // an explicit, loudly logged choice
 	if c.CAFile != "" {
+		// Named as flagenv names settings: the flag and the variable.
+		name := fmt.Sprintf("--ca (%sCA_FILE)", envPrefix)
 		pem, err := os.ReadFile(c.CAFile)
 		if err != nil {
-			return nil, fmt.Errorf("--ca: %w", err)
+			return nil, fmt.Errorf("%s: %w", name, err)
 		}
 		pool := x509.NewCertPool()
 		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("--ca %s: no PEM certificate found", c.CAFile)
+			return nil, fmt.Errorf("%s %q: no PEM certificate found, want a PEM file of CA certificates", name, c.CAFile)
 		}
 		conf.RootCAs = pool
 	}

@@ -4,6 +4,8 @@ import (
 	"bytes"
 	"errors"
 	"flag"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -57,6 +59,8 @@ func TestParseConfig(t *testing.T) {
 		{name: "bad scheme", args: []string{"-g", "g", "http", "ftp://x:21"}, wantErr: "scheme must be http or https"},
 		{name: "no host", args: []string{"-g", "g", "http", "http://:80"}, wantErr: "no host"},
 		{name: "address without port", args: []string{"-g", "g", "-a", "tunnel.example", "http", "80"}, wantErr: "--tunnel-address"},
+		{name: "address port out of range", args: []string{"-g", "g", "http", "80"}, env: map[string]string{"REVERST_TUNNEL_ADDRESS": "127.0.0.1:99999"}, wantErr: "--tunnel-address (REVERST_TUNNEL_ADDRESS)"},
+		{name: "target port out of range", args: []string{"-g", "g", "http", "99999"}, wantErr: `target "http://localhost:99999": address 99999: invalid port`},
 		{name: "ca and insecure", args: []string{"-g", "g", "--ca", "x.pem", "--insecure", "http", "80"}, wantErr: "exclude each other"},
 		{name: "user without password", args: []string{"-g", "g", "-u", "user", "http", "80"}, wantErr: "both --username (REVERST_USERNAME) and --password (REVERST_PASSWORD)"},
 		{name: "basic and token", args: []string{"-g", "g", "-u", "u", "-p", "p", "-t", "t", "http", "80"}, wantErr: "not both"},
@@ -105,6 +109,25 @@ func TestUsageListsEveryFlagAndEnv(t *testing.T) {
 		"REVERST_INSECURE_SKIP_VERIFY", "REVERST_USERNAME", "REVERST_PASSWORD", "REVERST_TOKEN", "http TARGET"} {
 		if !strings.Contains(usage, want) {
 			t.Errorf("usage lacks %q", want)
+		}
+	}
+}
+
+// A CA file that does not load is named by its flag and its variable, as
+// it is often set in the environment only.
+func TestCAFileErrorsNameFlagAndEnv(t *testing.T) {
+	dir := t.TempDir()
+	notPEM := filepath.Join(dir, "ca.txt")
+	if err := os.WriteFile(notPEM, []byte("not a certificate"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	for _, path := range []string{filepath.Join(dir, "missing.pem"), notPEM} {
+		c, err := parseConfig([]string{"http", "8080"}, map[string]string{"REVERST_TUNNEL_GROUP": "g", "REVERST_CA_FILE": path}, nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if _, err := c.tlsConfig(); err == nil || !strings.Contains(err.Error(), "--ca (REVERST_CA_FILE)") {
+			t.Errorf("CA file %s: got %v, want an error naming --ca (REVERST_CA_FILE)", path, err)
 		}
 	}
 }
