@@ -79,6 +79,10 @@ type configMap struct {
 
 	mu     sync.Mutex
 	client kubernetes.Interface
+
+	// initialCheck, when set, runs the check for a ConfigMap missing from
+	// the initial list; tests delay it.
+	initialCheck func(check func())
 }
 
 func newConfigMap(ref kubeRef, opts Options, m *metrics) *configMap {
@@ -172,7 +176,7 @@ func (c *configMap) Watch(ctx context.Context, apply func(*groups.Config) error)
 	inf := coreinformers.NewFilteredConfigMapInformer(cl, c.ref.namespace, 0, cache.Indexers{}, c.ref.selector)
 	_ = inf.SetWatchErrorHandlerWithContext(func(ctx context.Context, _ *cache.Reflector, err error) {
 		if ctx.Err() == nil && !watchClosed(err) {
-			send(kubeEvent{err: fmt.Errorf("%s: list/watch: %w", c, err)})
+			send(kubeEvent{err: fmt.Errorf("%s: %w: %w", c, errListWatch, err)})
 		}
 	})
 	onObject := func(obj any) {
@@ -200,23 +204,39 @@ func (c *configMap) Watch(ctx context.Context, apply func(*groups.Config) error)
 		if !cache.WaitForCacheSync(ctx.Done(), reg.HasSynced) {
 			return
 		}
-		if _, exists, _ := inf.GetStore().GetByKey(c.ref.namespace + "/" + c.ref.name); !exists {
-			send(kubeEvent{err: fmt.Errorf("%s: ConfigMap %s/%s: %w", c, c.ref.namespace, c.ref.name, errNotFound)})
+		check := func() {
+			if _, exists, _ := inf.GetStore().GetByKey(c.ref.namespace + "/" + c.ref.name); !exists {
+				send(kubeEvent{err: fmt.Errorf("%s: ConfigMap %s/%s: %w", c, c.ref.namespace, c.ref.name, errNotFound)})
+			}
+		}
+		if c.initialCheck != nil {
+			c.initialCheck(check)
+		} else {
+			check()
 		}
 	}()
 
+	// seen is set by the first event about the object. The initial list's
+	// are handled before HasSynced holds, so the check above can only
+	// find the object missing without an event before it if it never
+	// existed; made late (WaitForCacheSync polls every 100 ms), it finds a
+	// deletion already reported, which it must not report again as "not
+	// found".
+	seen := false
 	for {
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
 		case ev := <-events:
-			if ev.err != nil {
-				if errors.Is(ev.err, errNotFound) {
-					// It may have been created since.
-					if _, exists, _ := inf.GetStore().GetByKey(c.ref.namespace + "/" + c.ref.name); exists {
-						continue
-					}
+			if errors.Is(ev.err, errNotFound) {
+				// It may have been created since.
+				if _, exists, _ := inf.GetStore().GetByKey(c.ref.namespace + "/" + c.ref.name); seen || exists {
+					continue
 				}
+			} else if ev.data != nil || !errors.Is(ev.err, errListWatch) {
+				seen = true
+			}
+			if ev.err != nil {
 				c.r.fail(ev.err)
 				continue
 			}
@@ -224,6 +244,8 @@ func (c *configMap) Watch(ctx context.Context, apply func(*groups.Config) error)
 		}
 	}
 }
+
+var errListWatch = errors.New("list/watch")
 
 var errNotFound = errors.New("not found")
 

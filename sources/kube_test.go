@@ -322,3 +322,57 @@ func TestSecretsFiles(t *testing.T) {
 		t.Error("Read of a malformed k8s path succeeded")
 	}
 }
+
+// The check for a ConfigMap missing at start waits for the informer's
+// initial list, polled every 100 ms: made after a deletion was reported, it
+// must not report it again as "not found" (a second failure, and a Status
+// that no longer says what happened).
+func TestConfigMapDeletedBeforeInitialCheck(t *testing.T) {
+	ns, c, admin := rbacNamespace(t)
+	ctx := context.Background()
+	cms := admin.CoreV1().ConfigMaps(ns)
+	if _, err := cms.Create(ctx, groupsMap(ns, map[string]string{groupsKey: string(definition("a"))}), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	reached, release, checked := make(chan struct{}), make(chan struct{}), make(chan struct{})
+	reg := prometheus.NewRegistry()
+	src, err := Open("k8s://configmap/"+ns+"/"+groupsConfigMap+"/"+groupsKey, Options{Kube: c.User, Registerer: reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src.(*configMap).initialCheck = func(check func()) {
+		close(reached)
+		<-release
+		check()
+		close(checked)
+	}
+	if _, err := src.Load(ctx); err != nil {
+		t.Fatal(err)
+	}
+	a := newApplied()
+	watch(t, src, a)
+	select {
+	case <-reached:
+	case <-time.After(waitFor):
+		t.Fatal("the initial list did not sync")
+	}
+	failures := reloads(t, reg, src.String(), "failure")
+	if err := cms.Delete(ctx, groupsConfigMap, metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "deletion reported", func() bool {
+		err := src.Status()
+		return err != nil && strings.Contains(err.Error(), "deleted")
+	})
+	close(release)
+	<-checked
+	// Events are handled in order: once d is applied, whatever the late
+	// check sent has been handled.
+	if _, err := cms.Create(ctx, groupsMap(ns, map[string]string{groupsKey: string(definition("d"))}), metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	a.waitLast(t, "d")
+	if n := reloads(t, reg, src.String(), "failure") - failures; n != 1 {
+		t.Errorf("%v failures counted for one deletion, want 1", n)
+	}
+}

@@ -248,12 +248,19 @@ func TestURLRefusedApplyIsRetriedAndReported(t *testing.T) {
 	go func() { _ = src.Watch(ctx, apply) }()
 	srv.set([]byte(`groups: {b: {hosts: [b.example]}}`))
 
-	time.Sleep(time.Second) // ~20 polls
-	mu.Lock()
-	n := calls
-	mu.Unlock()
-	if n < 2 {
-		t.Errorf("the refused definition was offered %d time(s) in 1s; never retried", n)
+	// A poll every 20 ms: wait for the retry to be applied and reported,
+	// however slowly a busy machine polls.
+	offered := func() int {
+		mu.Lock()
+		defer mu.Unlock()
+		return calls
+	}
+	deadline := time.Now().Add(waitFor)
+	for (offered() < 2 || src.Status() != nil) && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := offered(); n < 2 {
+		t.Errorf("the refused definition was offered %d time(s) in %v; never retried", n, waitFor)
 	}
 	if err := src.Status(); err != nil {
 		t.Errorf("Status() = %v once the definition was applied", err)
@@ -291,7 +298,16 @@ func TestURLNotModifiedWithoutValidatorsIsAFailure(t *testing.T) {
 	a.waitLast(t, "b")
 	notModified.Store(true)
 	before := reloads(t, reg, src.String(), "failure")
-	time.Sleep(300 * time.Millisecond) // several polls, all answered 304
+	// Polls every 20 to 100 ms, all answered 304: wait for them to be
+	// counted and reported, however slowly a busy machine polls.
+	deadline := time.Now().Add(waitFor)
+	for time.Now().Before(deadline) {
+		err := src.Status()
+		if err != nil && strings.Contains(err.Error(), "304") && reloads(t, reg, src.String(), "failure") > before {
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
 	if err := src.Status(); err == nil {
 		t.Error("Status nil: a 304 without validators reported as the definition in force")
 	} else if !strings.Contains(err.Error(), "304") {

@@ -14,6 +14,7 @@ import (
 	"net"
 	"net/http"
 	"strings"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -312,23 +313,56 @@ func TestH2RapidReset(t *testing.T) {
 			time.Sleep(50 * time.Millisecond)
 			io.WriteString(w, "ok")
 		}))
-		addr := h2frontend(t, e)
-		h := dialH2(t, addr)
+		// The frontend's handlers, counted: Go's HTTP/2 server runs at most
+		// 250 at once and queues the others, so on a busy machine a reset
+		// stream's handler may start, and take a member's slot, long after
+		// its frames were read.
+		var active atomic.Int64
+		h2 := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			active.Add(1)
+			defer active.Add(-1)
+			e.srv.ServeHTTP(w, r)
+		}))
+		h2.EnableHTTP2 = true
+		h2.StartTLS()
+		t.Cleanup(h2.Close)
+		h := dialH2(t, h2.Listener.Addr().String())
+		const resets = 1000
+		const last = 2*resets + 1 // a stream that is let finish after the resets
+		lastDone := make(chan struct{})
 		go func() { // drain
 			for {
-				if _, err := h.fr.ReadFrame(); err != nil {
+				f, err := h.fr.ReadFrame()
+				if err != nil {
 					return
+				}
+				// END_STREAM is the same bit on HEADERS and DATA.
+				if f.Header().StreamID == last && f.Header().Flags.Has(http2.FlagHeadersEndStream) {
+					close(lastDone)
 				}
 			}
 		}()
-		for i := range 1000 {
+		for i := range resets {
 			id := uint32(2*i + 1)
 			h.headers(t, id, true, ":method", "GET", ":scheme", "https", ":authority", "svc.example", ":path", "/r")
 			h.fr.WriteRSTStream(id, http2.ErrCodeCancel)
 		}
-		time.Sleep(time.Second)
+		// The server starts queued handlers in the order of their streams:
+		// once the last stream is answered, the handler of every reset one
+		// has started or been dropped, and those that started give their
+		// slot back as they end. A slot leaked by a reset stays counted.
+		h.headers(t, last, true, ":method", "GET", ":scheme", "https", ":authority", "svc.example", ":path", "/last")
+		select {
+		case <-lastDone:
+		case <-time.After(30 * time.Second):
+			t.Fatalf("the stream opened after the resets was not answered (%d handlers active, %d requests in flight)", active.Load(), inFlight(e.srv))
+		}
+		deadline := time.Now().Add(20 * time.Second)
+		for (active.Load() != 0 || inFlight(e.srv) != 0) && time.Now().Before(deadline) {
+			time.Sleep(20 * time.Millisecond)
+		}
 		if n := inFlight(e.srv); n != 0 {
-			t.Errorf("%d requests still in flight", n)
+			t.Errorf("%d requests still in flight (%d handlers active)", n, active.Load())
 		}
 		for i := range 50 {
 			if code, body := e.get(t, "svc.example", "/after"); code != 200 {
