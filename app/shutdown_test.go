@@ -42,11 +42,13 @@ func TestShutdownStopsEveryFrontendAtOnce(t *testing.T) {
 	roots := exampleRoots(t)
 	release := make(chan struct{})
 	defer close(release)
+	inflight := make(chan struct{}, 2)
 	memberCtx, stopMember := context.WithCancel(context.Background())
 	defer stopMember()
 	join(t, memberCtx, cfg, &client.Server{
 		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if r.URL.Path == "/slow" {
+				inflight <- struct{}{}
 				select {
 				case <-release:
 				case <-time.After(30 * time.Second):
@@ -75,16 +77,41 @@ func TestShutdownStopsEveryFrontendAtOnce(t *testing.T) {
 	// A request in flight on each frontend.
 	go get(&http.Client{}, "http://"+cfg.HTTPAddress+"/slow")
 	go get(newHTTPS(), "https://"+cfg.HTTPSAddress+"/slow")
-	time.Sleep(300 * time.Millisecond)
+	for range 2 {
+		select {
+		case <-inflight:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the slow requests did not reach the member")
+		}
+	}
 
 	start := time.Now()
 	cancel() // SIGTERM
-	time.Sleep(300 * time.Millisecond)
-	if code, err := get(newHTTPS(), "https://"+cfg.HTTPSAddress+"/"); err == nil {
-		t.Errorf("a new HTTPS visitor was served (%d) %v after SIGTERM", code, time.Since(start).Round(time.Millisecond))
+	// The stop has begun once /readyz says so; from then on no frontend
+	// takes a visitor, while the slow requests hold the drain open.
+	for {
+		code, err := get(&http.Client{}, "http://"+cfg.ManagementAddress+"/readyz")
+		if err == nil && code == http.StatusServiceUnavailable {
+			break
+		}
+		if time.Since(start) > timeout {
+			t.Fatalf("/readyz while draining: %d %v, want 503", code, err)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
-	if code, err := get(&http.Client{}, "http://"+cfg.ManagementAddress+"/readyz"); err != nil || code != http.StatusServiceUnavailable {
-		t.Errorf("/readyz while draining: %d %v, want 503", code, err)
+	// Every frontend closes its listener as the stop begins, not after
+	// another frontend's drain (which the slow requests make last the
+	// whole timeout).
+	for {
+		code, err := get(newHTTPS(), "https://"+cfg.HTTPSAddress+"/")
+		if err != nil {
+			break
+		}
+		if time.Since(start) > timeout/2 {
+			t.Errorf("new HTTPS visitors still served (%d) %v after SIGTERM", code, time.Since(start).Round(time.Millisecond))
+			break
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 	select {
 	case err := <-done:
