@@ -83,26 +83,17 @@ func join(t *testing.T, ctx context.Context, cfg *Config, member *client.Server)
 	}
 }
 
-func TestRun(t *testing.T) {
-	dir := t.TempDir()
-	groupsFile := filepath.Join(dir, "groups.yml")
-	writeFile(t, groupsFile, `groups: {svc: {hosts: [svc.example], authentication: {bearer: {token: secret}}}}`)
-	cfg, err := ParseConfig([]string{
-		"-n", "flipt.dev.local",
-		"-k", "../examples/simple/server.key",
-		"-c", "../examples/simple/server.crt",
-		"-g", groupsFile, "-w",
-		"-a", testnet.Addr(t, testnet.Tunnel),
-		"-s", testnet.Addr(t, testnet.TCP),
-		"--https-address", testnet.Addr(t, testnet.TCP),
-		"--management-address", testnet.Addr(t, testnet.TCP),
-	}, map[string]string{}, nil)
+// startRun parses args and runs the server until the test ends, when it
+// must stop cleanly.
+func startRun(t *testing.T, args ...string) *Config {
+	t.Helper()
+	cfg, err := ParseConfig(args, map[string]string{}, nil)
 	if err != nil {
 		t.Fatal(err)
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
-	go func() { done <- Run(ctx, cfg, slog.New(slog.NewTextHandler(io.Discard, nil))) }()
+	go func() { done <- Run(ctx, cfg, slog.New(slog.DiscardHandler)) }()
 	t.Cleanup(func() {
 		cancel()
 		select {
@@ -114,6 +105,23 @@ func TestRun(t *testing.T) {
 			t.Error("Run did not return after cancel")
 		}
 	})
+	return cfg
+}
+
+func TestRun(t *testing.T) {
+	dir := t.TempDir()
+	groupsFile := filepath.Join(dir, "groups.yml")
+	writeFile(t, groupsFile, `groups: {svc: {hosts: [svc.example], authentication: {bearer: {token: secret}}}}`)
+	cfg := startRun(t,
+		"-n", "flipt.dev.local",
+		"-k", "../examples/simple/server.key",
+		"-c", "../examples/simple/server.crt",
+		"-g", groupsFile, "-w",
+		"-a", testnet.Addr(t, testnet.Tunnel),
+		"-s", testnet.Addr(t, testnet.TCP),
+		"--https-address", testnet.Addr(t, testnet.TCP),
+		"--management-address", testnet.Addr(t, testnet.TCP),
+	)
 
 	mgmt := "http://" + cfg.ManagementAddress
 	deadline := time.Now().Add(5 * time.Second)
@@ -132,7 +140,7 @@ func TestRun(t *testing.T) {
 	}
 
 	roots := exampleRoots(t)
-	join(t, ctx, cfg, &client.Server{
+	join(t, t.Context(), cfg, &client.Server{
 		Handler:       http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) { fmt.Fprintf(w, "hi %s via %s", r.URL.Path, r.Proto) }),
 		Authenticator: client.BearerAuthenticator("secret"),
 	})
@@ -270,22 +278,12 @@ func TestManagementServerTimeouts(t *testing.T) {
 func TestReadyzHidesSecretsOfABadReload(t *testing.T) {
 	groupsFile := filepath.Join(t.TempDir(), "groups.yml")
 	writeFile(t, groupsFile, `groups: {svc: {hosts: [svc.example], authentication: {bearer: {token: s3cret}}}}`)
-	cfg, err := ParseConfig([]string{
+	cfg := startRun(t,
 		"-n", "flipt.dev.local", "-k", "../examples/simple/server.key", "-c", "../examples/simple/server.crt",
 		"-g", groupsFile, "-w",
 		"-a", testnet.Addr(t, testnet.Tunnel), "-s", testnet.Addr(t, testnet.TCP),
 		"--management-address", testnet.Addr(t, testnet.TCP),
-	}, map[string]string{}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- Run(ctx, cfg, slog.New(slog.DiscardHandler)) }()
-	t.Cleanup(func() {
-		cancel()
-		<-done
-	})
+	)
 	readyz := "http://" + cfg.ManagementAddress + "/readyz"
 	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(20 * time.Millisecond) {
 		if resp, err := http.Get(readyz); err == nil {

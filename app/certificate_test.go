@@ -224,22 +224,11 @@ func TestRunFollowsCertificateRenewal(t *testing.T) {
 	first, second := testpki.New(t), testpki.New(t)
 	certPath, keyPath := first.WriteFiles(t, dir)
 	tunnelAddr, httpsAddr := testnet.Addr(t, testnet.Tunnel), testnet.Addr(t, testnet.TCP)
-	cfg, err := ParseConfig([]string{
+	startRun(t,
 		"-n", "localhost", "-k", keyPath, "-c", certPath, "-g", groupsFile,
 		"-a", tunnelAddr, "-s", testnet.Addr(t, testnet.TCP), "--https-address", httpsAddr,
-	}, map[string]string{}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan error, 1)
-	go func() { done <- Run(ctx, cfg, slog.New(slog.DiscardHandler)) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Run: %v", err)
-		}
-	})
+	)
+	ctx := t.Context()
 
 	served := func() map[string]string {
 		t.Helper()
