@@ -312,32 +312,40 @@ func TestFileReloadWithBusyNeighbour(t *testing.T) {
 	}
 }
 
-// A groups file that is a symlink to a file in another directory (kept
-// there by a configuration tool, say) is edited where it lives: the change
-// shows in that directory, not in the link's, and must be seen all the
-// same, also after the link is pointed at a third directory.
-func TestFileSymlinkToAnotherDirectory(t *testing.T) {
-	root := t.TempDir()
-	for _, d := range []string{"etc", "v1", "v2"} {
+// watchSymlinked makes ROOT/etc/groups.yml a symlink to
+// ROOT/DIRS[0]/groups.yml, which holds group a, creates the other dirs,
+// and watches it. It returns once Watch's first read has passed, so that
+// only the watch can see what follows.
+func watchSymlinked(t *testing.T, dirs ...string) (root, path string, a *applied) {
+	t.Helper()
+	root = t.TempDir()
+	for _, d := range append([]string{"etc"}, dirs...) {
 		if err := os.Mkdir(filepath.Join(root, d), 0o755); err != nil {
 			t.Fatal(err)
 		}
 	}
-	path := filepath.Join(root, "etc", "groups.yml")
-	writeFile(t, filepath.Join(root, "v1", "groups.yml"), definition("a"))
-	if err := os.Symlink(filepath.Join(root, "v1", "groups.yml"), path); err != nil {
+	path = filepath.Join(root, "etc", "groups.yml")
+	writeFile(t, filepath.Join(root, dirs[0], "groups.yml"), definition("a"))
+	if err := os.Symlink(filepath.Join(root, dirs[0], "groups.yml"), path); err != nil {
 		t.Fatal(err)
 	}
 	src, _ := openFile(t, path)
 	if _, err := src.Load(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	a := newApplied()
+	a = newApplied()
 	watch(t, src, a)
-	// Let Watch's first read pass, so that only the watch can see what
-	// follows.
 	eventually(t, "healthy", func() bool { return src.Status() == nil })
 	time.Sleep(100 * time.Millisecond)
+	return root, path, a
+}
+
+// A groups file that is a symlink to a file in another directory (kept
+// there by a configuration tool, say) is edited where it lives: the change
+// shows in that directory, not in the link's, and must be seen all the
+// same, also after the link is pointed at a third directory.
+func TestFileSymlinkToAnotherDirectory(t *testing.T) {
+	root, path, a := watchSymlinked(t, "v1", "v2")
 
 	writeFile(t, filepath.Join(root, "v1", "groups.yml"), definition("b"))
 	a.waitLast(t, "b")
@@ -367,25 +375,7 @@ func TestFileSymlinkToAnotherDirectory(t *testing.T) {
 // its place): its watch went with the old directory, and edits made in
 // place in the new one must still be seen.
 func TestFileSymlinkTargetDirectoryReplaced(t *testing.T) {
-	root := t.TempDir()
-	for _, d := range []string{"etc", "conf"} {
-		if err := os.Mkdir(filepath.Join(root, d), 0o755); err != nil {
-			t.Fatal(err)
-		}
-	}
-	path := filepath.Join(root, "etc", "groups.yml")
-	writeFile(t, filepath.Join(root, "conf", "groups.yml"), definition("a"))
-	if err := os.Symlink(filepath.Join(root, "conf", "groups.yml"), path); err != nil {
-		t.Fatal(err)
-	}
-	src, _ := openFile(t, path)
-	if _, err := src.Load(context.Background()); err != nil {
-		t.Fatal(err)
-	}
-	a := newApplied()
-	watch(t, src, a)
-	eventually(t, "healthy", func() bool { return src.Status() == nil })
-	time.Sleep(100 * time.Millisecond)
+	root, _, a := watchSymlinked(t, "conf")
 
 	// The new directory is prepared beside the old one, then put in its
 	// place.
