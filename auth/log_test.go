@@ -2,7 +2,6 @@ package auth
 
 import (
 	"encoding/base64"
-	"github.com/reverst-dev/reverst/internal/testlog"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
@@ -13,6 +12,7 @@ import (
 	"time"
 
 	"github.com/reverst-dev/reverst/groups"
+	"github.com/reverst-dev/reverst/internal/testlog"
 )
 
 // TestNoSecretsInLogs runs allow, deny and error cases of every strategy

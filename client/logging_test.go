@@ -1,13 +1,13 @@
 package client_test
 
 import (
-	"github.com/reverst-dev/reverst/internal/testlog"
 	"log/slog"
 	"net/http"
 	"strings"
 	"testing"
 
 	"github.com/reverst-dev/reverst/client"
+	"github.com/reverst-dev/reverst/internal/testlog"
 )
 
 // A visitor's query string may carry a secret (?access_token=...). The

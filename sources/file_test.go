@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/reverst-dev/reverst/groups"
 	"github.com/reverst-dev/reverst/internal/testlog"
 )

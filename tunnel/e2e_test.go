@@ -6,7 +6,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"github.com/reverst-dev/reverst/internal/testlog"
 	"io"
 	"log/slog"
 	"net"
@@ -24,6 +23,7 @@ import (
 	"github.com/reverst-dev/reverst/auth"
 	"github.com/reverst-dev/reverst/client"
 	"github.com/reverst-dev/reverst/groups"
+	"github.com/reverst-dev/reverst/internal/testlog"
 	"github.com/reverst-dev/reverst/protocol"
 	"github.com/reverst-dev/reverst/tunnel"
 )
