@@ -570,6 +570,7 @@ func (s *Server) serve(ctx context.Context, addr string, tlsConf *tls.Config, tc
 		// stream); do not leave it open.
 		tc.close(reasonClosed)
 		tc.dataWG.Wait()
+		tc.waitDataHandlers()
 		served <- err
 	}()
 	var serveErr error

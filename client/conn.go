@@ -28,11 +28,16 @@ type tunnelConn struct {
 	log     *slog.Logger
 	done    chan struct{} // closed when serving has ended and handlers returned
 	dataWG  sync.WaitGroup
+	// dataHandlers counts the handlers of data connection requests, which
+	// net/http's Close does not wait for, as ServeQUICConn does for its
+	// own (see waitDataHandlers).
+	dataHandlers sync.WaitGroup
 
 	mu       sync.Mutex
 	active   int        // requests whose response is not finished
 	draining bool       // Shutdown was called: close when active drops to 0
 	data     *dataConns // nil without data connections
+	ended    bool       // waitDataHandlers was called
 }
 
 func newTunnelConn(conn *quic.Conn, control *quic.Stream, resp *protocol.RegisterResponse, h http.Handler, log *slog.Logger) *tunnelConn {
@@ -50,6 +55,12 @@ func (tc *tunnelConn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	tc.mu.Lock()
 	tc.active++
 	data := tc.data
+	// One that starts after the wait, on a connection already closed, is
+	// too late to be waited for.
+	waited := r.ProtoMajor != 3 && !tc.ended
+	if waited {
+		tc.dataHandlers.Add(1)
+	}
 	tc.mu.Unlock()
 	upgrade := isUpgradeStream(r)
 	if data != nil && r.ProtoMajor == 3 && !upgrade {
@@ -63,6 +74,9 @@ func (tc *tunnelConn) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.ProtoMajor == 3 {
 		context.AfterFunc(r.Context(), tc.release)
 	} else {
+		if waited {
+			defer tc.dataHandlers.Done()
+		}
 		defer tc.release()
 	}
 
@@ -113,6 +127,15 @@ func hasTrailers(h http.Header) bool {
 		}
 	}
 	return false
+}
+
+// waitDataHandlers returns once the handlers of data connection requests
+// have, when the data connections are closed.
+func (tc *tunnelConn) waitDataHandlers() {
+	tc.mu.Lock()
+	tc.ended = true
+	tc.mu.Unlock()
+	tc.dataHandlers.Wait()
 }
 
 func (tc *tunnelConn) release() {

@@ -4,9 +4,13 @@ import (
 	"context"
 	"errors"
 	"io"
+	"net"
 	"net/http"
+	"sync"
 	"testing"
 	"time"
+
+	"github.com/quic-go/quic-go"
 
 	"github.com/reverst-dev/reverst/client"
 	"github.com/reverst-dev/reverst/protocol"
@@ -116,6 +120,59 @@ func TestRegisterOnShutdownEndsLongResponses(t *testing.T) {
 		}
 		if err := result(t, errc, 2*time.Second); !errors.Is(err, client.ErrServerClosed) {
 			t.Errorf("DialAndServe = %v, want ErrServerClosed", err)
+		}
+	})
+}
+
+// A graceful Shutdown waits for every handler, whichever transport its
+// request came on, even when the tunnel connection is lost meanwhile: a
+// handler serving a data connection's request is as much in flight as
+// one serving a request over QUIC.
+func TestShutdownWaitsForHandlersOfLostConnection(t *testing.T) {
+	transports(t, func(t *testing.T, quicOnly bool) {
+		e := startRealServer(t)
+		udp, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+		if err != nil {
+			t.Fatal(err)
+		}
+		tr := &quic.Transport{Conn: udp}
+		t.Cleanup(func() { _ = tr.Close(); _ = udp.Close() })
+		started, release := make(chan struct{}), make(chan struct{})
+		releaseOnce := sync.OnceFunc(func() { close(release) })
+		t.Cleanup(releaseOnce)
+		srv := &client.Server{QUICOnly: quicOnly, Transport: tr, Handler: http.HandlerFunc(func(http.ResponseWriter, *http.Request) {
+			close(started)
+			<-release // slow work that ignores its context
+		})}
+		e.join(t, srv)
+		go func() {
+			if resp, err := http.DefaultClient.Do(e.request(t, t.Context(), http.MethodGet, "/")); err == nil {
+				resp.Body.Close()
+			}
+		}()
+		<-started
+
+		shutdown := make(chan error, 1)
+		go func() {
+			ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+			defer cancel()
+			shutdown <- srv.Shutdown(ctx)
+		}()
+		// The tunnel connection is lost during the drain.
+		_ = tr.Close()
+		select {
+		case err := <-shutdown:
+			t.Fatalf("Shutdown returned %v while a handler was running", err)
+		case <-time.After(time.Second):
+		}
+		releaseOnce()
+		select {
+		case err := <-shutdown:
+			if err != nil {
+				t.Errorf("Shutdown = %v", err)
+			}
+		case <-time.After(waitTimeout):
+			t.Fatal("Shutdown did not return once the handler did")
 		}
 	})
 }
