@@ -340,12 +340,7 @@ func TestShutdownDrainsInFlightRequests(t *testing.T) {
 	}()
 	<-started
 
-	shutdown := make(chan error, 1)
-	go func() {
-		ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
-		defer cancel()
-		shutdown <- srv.Shutdown(ctx)
-	}()
+	shutdown := shutdownAsync(srv)
 
 	select {
 	case <-m.drained:

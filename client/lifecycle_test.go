@@ -16,6 +16,18 @@ import (
 	"github.com/reverst-dev/reverst/protocol"
 )
 
+// shutdownAsync starts srv's Shutdown, given waitTimeout, and returns
+// its result channel.
+func shutdownAsync(srv *client.Server) <-chan error {
+	shutdown := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
+		defer cancel()
+		shutdown <- srv.Shutdown(ctx)
+	}()
+	return shutdown
+}
+
 // stuckHandler serves requests that ignore their context until the test
 // ends, as a handler busy with slow work does.
 func stuckHandler(t *testing.T) (http.Handler, <-chan struct{}) {
@@ -152,12 +164,7 @@ func TestShutdownWaitsForHandlersOfLostConnection(t *testing.T) {
 		}()
 		<-started
 
-		shutdown := make(chan error, 1)
-		go func() {
-			ctx, cancel := context.WithTimeout(context.Background(), waitTimeout)
-			defer cancel()
-			shutdown <- srv.Shutdown(ctx)
-		}()
+		shutdown := shutdownAsync(srv)
 		// The tunnel connection is lost during the drain.
 		_ = tr.Close()
 		select {
