@@ -58,8 +58,9 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	defer func() {
 		// Deferred, so that a response cut short (a panic with
 		// http.ErrAbortHandler) is counted too.
-		s.Metrics.request(group, status, time.Since(start))
-		s.logRequest(r, group, status, time.Since(start))
+		d := time.Since(start)
+		s.Metrics.request(group, status, d)
+		s.logRequest(r, group, status, d)
 	}()
 	if !httpguts.ValidHostHeader(r.Host) {
 		// An absolute-form target is not checked by net/http as a Host
