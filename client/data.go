@@ -6,9 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
+	"maps"
 	"net"
 	"net/http"
+	"slices"
 	"sync"
 	"time"
 
@@ -17,8 +18,7 @@ import (
 
 // Data connections (see package protocol): TCP connections beside the
 // QUIC one, on which the tunnel server sends plain requests over
-// HTTP/1.1, one at a time. A net/http.Server serves them, so a request
-// costs what it costs on any HTTP/1.1 server.
+// HTTP/1.1, one at a time (see dataserve.go for how they are served).
 
 // Data connection tuning.
 const (
@@ -38,56 +38,45 @@ const (
 )
 
 // dataConns keeps the data connections of one tunnel connection: it dials
-// them, hands them to an http.Server serving the tunnel's handler, and
-// follows their states to keep dataSpare of them idle.
+// them, serves the tunnel's handler on them, and follows their states to
+// keep dataSpare of them idle.
 type dataConns struct {
-	tc    *tunnelConn
-	addr  string // the address the QUIC connection reached
-	conf  *tls.Config
-	token string
-	pool  *sync.Pool // write batches, shared by a Server's connections
-	srv   *http.Server
-	ln    *connListener
-	kick  chan struct{}
+	tc      *tunnelConn
+	addr    string // the address the QUIC connection reached
+	conf    *tls.Config
+	token   string
+	pool    *sync.Pool // write batches, shared by a Server's connections
+	writers responseWriters
+	kick    chan struct{}
 
 	mu     sync.Mutex
 	idle   int // idle or not yet used
 	open   int
 	short  int // requests that came over QUIC, each owed a connection
 	wasted int // connections in a row closed unused right after their dial
-	state  map[net.Conn]http.ConnState
+	state  map[*batchedTLS]http.ConnState
+	closed bool
 }
 
 func newDataConns(tc *tunnelConn, tlsConf *tls.Config, token string, pool *sync.Pool) *dataConns {
 	conf := tlsConf.Clone()
 	conf.NextProtos = []string{protocol.DataALPN}
-	d := &dataConns{
+	return &dataConns{
 		tc:    tc,
 		addr:  tc.conn.RemoteAddr().String(),
 		conf:  conf,
 		token: token,
 		pool:  pool,
-		ln:    newConnListener(tc.conn.LocalAddr()),
 		kick:  make(chan struct{}, 1),
-		state: map[net.Conn]http.ConnState{},
+		state: map[*batchedTLS]http.ConnState{},
 	}
-	d.srv = &http.Server{
-		Handler:   http.HandlerFunc(d.serveHTTP),
-		ConnState: d.track,
-		// No IdleTimeout: the tunnel server closes the connections it does
-		// not need, and an idle one here is a spare.
-		ErrorLog:    slog.NewLogLogger(tc.log.Handler(), slog.LevelDebug),
-		BaseContext: func(net.Listener) context.Context { return tc.conn.Context() },
-	}
-	return d
 }
 
-// run serves and dials until the QUIC connection ends.
+// run dials until the QUIC connection ends. No connection has an idle
+// timeout: the tunnel server closes those it does not need, and an idle
+// one here is a spare.
 func (d *dataConns) run() {
-	var wg sync.WaitGroup
-	wg.Go(func() { _ = d.srv.Serve(d.ln) })
-	defer wg.Wait()
-	defer d.srv.Close()
+	defer d.close()
 	d.wake()
 	ctx := d.tc.conn.Context()
 	failures := 0
@@ -122,6 +111,11 @@ func (d *dataConns) run() {
 			}
 			failures = 0
 			d.mu.Lock()
+			if d.closed {
+				d.mu.Unlock()
+				_ = c.Close()
+				return
+			}
 			if d.idle >= dataSpare {
 				// Not a spare: it answers an overflowed request.
 				d.short = max(d.short-1, 0)
@@ -130,17 +124,13 @@ func (d *dataConns) run() {
 			d.open++
 			d.state[c] = http.StateNew
 			d.mu.Unlock()
-			if !d.ln.push(c) {
-				_ = c.Close()
-				return
-			}
+			go d.serveConn(c)
 		}
 	}
 }
 
 // serveHTTP refuses upgrades on a data connection: they travel over QUIC
-// (see package protocol), and a hijacked connection would leave the
-// dataMax count while it lives on.
+// (see package protocol), and a data connection is not handed over.
 func (d *dataConns) serveHTTP(w http.ResponseWriter, r *http.Request) {
 	if r.Method == http.MethodConnect || r.Header.Get("Upgrade") != "" {
 		http.Error(w, "upgrade on a data connection", http.StatusBadRequest)
@@ -180,13 +170,13 @@ func (d *dataConns) wake() {
 	}
 }
 
-// track is the http.Server's ConnState hook.
-func (d *dataConns) track(c net.Conn, st http.ConnState) {
+// track follows the state of c, a connection being served.
+func (d *dataConns) track(c *batchedTLS, st http.ConnState) {
 	d.mu.Lock()
 	prev, known := d.state[c]
 	wasIdle := known && (prev == http.StateNew || prev == http.StateIdle)
 	switch st {
-	case http.StateNew, http.StateIdle:
+	case http.StateIdle:
 		if !wasIdle {
 			d.idle++
 		}
@@ -210,7 +200,7 @@ func (d *dataConns) track(c net.Conn, st http.ConnState) {
 			d.idle--
 		}
 		if known {
-			if prev == http.StateNew && time.Since(c.(*batchedTLS).born) < DefaultMaxBackoff {
+			if prev == http.StateNew && time.Since(c.born) < DefaultMaxBackoff {
 				d.wasted++ // closed unused right after the dial
 			}
 			delete(d.state, c)
@@ -224,8 +214,8 @@ func (d *dataConns) track(c net.Conn, st http.ConnState) {
 	}
 }
 
-// closed forgets a hijacked connection once closed.
-func (d *dataConns) closed(c net.Conn) {
+// closedHijacked forgets a hijacked connection once closed.
+func (d *dataConns) closedHijacked(c *batchedTLS) {
 	d.mu.Lock()
 	st, known := d.state[c]
 	if known && st == http.StateHijacked {
@@ -236,14 +226,19 @@ func (d *dataConns) closed(c net.Conn) {
 	d.wake()
 }
 
-// close closes every data connection at once.
+// close closes every data connection at once, and those dialled later.
 func (d *dataConns) close() {
-	_ = d.srv.Close()
-	d.ln.Close()
+	d.mu.Lock()
+	d.closed = true
+	conns := slices.Collect(maps.Keys(d.state))
+	d.mu.Unlock()
+	for _, c := range conns {
+		_ = c.Close()
+	}
 }
 
 // dial opens a data connection and presents the token.
-func (d *dataConns) dial(ctx context.Context) (net.Conn, error) {
+func (d *dataConns) dial(ctx context.Context) (*batchedTLS, error) {
 	ctx, cancel := context.WithTimeout(ctx, dataDialTimeout)
 	defer cancel()
 	var dialer net.Dialer
@@ -265,7 +260,7 @@ func (d *dataConns) dial(ctx context.Context) (net.Conn, error) {
 		return nil, err
 	}
 	_ = tc.SetDeadline(time.Time{})
-	return &batchedTLS{Conn: tc, raw: cc, born: time.Now(), onClose: d.closed}, nil
+	return &batchedTLS{Conn: tc, raw: cc, born: time.Now(), onClose: d.closedHijacked}, nil
 }
 
 func hello(c net.Conn, token string) error {
@@ -284,45 +279,6 @@ func hello(c net.Conn, token string) error {
 	}
 	return nil
 }
-
-// connListener is the net.Listener of the data connections' http.Server:
-// Accept returns the connections run has dialled.
-type connListener struct {
-	addr  net.Addr
-	conns chan net.Conn
-	once  sync.Once
-	done  chan struct{}
-}
-
-func newConnListener(addr net.Addr) *connListener {
-	return &connListener{addr: addr, conns: make(chan net.Conn), done: make(chan struct{})}
-}
-
-// push hands c to Accept; it reports false once the listener is closed.
-func (l *connListener) push(c net.Conn) bool {
-	select {
-	case l.conns <- c:
-		return true
-	case <-l.done:
-		return false
-	}
-}
-
-func (l *connListener) Accept() (net.Conn, error) {
-	select {
-	case c := <-l.conns:
-		return c, nil
-	case <-l.done:
-		return nil, net.ErrClosed
-	}
-}
-
-func (l *connListener) Close() error {
-	l.once.Do(func() { close(l.done) })
-	return nil
-}
-
-func (l *connListener) Addr() net.Addr { return l.addr }
 
 // coalescingConn sits under a tls.Conn and turns the records of one
 // tls.Conn.Write into few system calls: TLS writes a record of at most
@@ -395,14 +351,14 @@ func (c *coalescingConn) flush() error {
 	return err
 }
 
-// batchedTLS is a data connection as the http.Server sees it: each of its
+// batchedTLS is a data connection as its server sees it: each of its
 // writes leaves in one system call.
 type batchedTLS struct {
 	*tls.Conn
 	raw     *coalescingConn
 	born    time.Time
 	once    sync.Once
-	onClose func(net.Conn)
+	onClose func(*batchedTLS)
 }
 
 // Close lets a hijacked connection leave the count when its handler is

@@ -1,0 +1,310 @@
+package client
+
+import (
+	"bufio"
+	"bytes"
+	"crypto/tls"
+	"errors"
+	"io"
+	"log"
+	"log/slog"
+	"net"
+	"net/http"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/reverst-dev/reverst/internal/testpki"
+)
+
+// The data connections' server answers as net/http's does: for each
+// handler and request, the bytes of the response (its Date aside), and
+// whether the connection stays open for the next request, are the same.
+func TestDataServerAnswersAsNetHTTP(t *testing.T) {
+	get := "GET /x HTTP/1.1\r\nHost: svc.example\r\n\r\n"
+	head := "HEAD /x HTTP/1.1\r\nHost: svc.example\r\n\r\n"
+	post := "POST /x HTTP/1.1\r\nHost: svc.example\r\nContent-Length: 5\r\n\r\nhello"
+	write := func(s string) http.HandlerFunc {
+		return func(w http.ResponseWriter, r *http.Request) { io.WriteString(w, s) }
+	}
+	for _, tc := range []struct {
+		name    string
+		request string
+		handler http.HandlerFunc
+	}{
+		{"declared length", get, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "application/octet-stream")
+			w.Header().Set("Content-Length", "5")
+			io.WriteString(w, "hello")
+		}},
+		{"sniffed type", get, write("<html><body>hi</body></html>")},
+		{"nothing written", get, func(http.ResponseWriter, *http.Request) {}},
+		{"large write", get, write(strings.Repeat("a", 10000))},
+		{"many small writes", get, func(w http.ResponseWriter, r *http.Request) {
+			for range 100 {
+				io.WriteString(w, strings.Repeat("b", 50))
+			}
+		}},
+		{"flush", get, func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, "a")
+			w.(http.Flusher).Flush()
+			io.WriteString(w, "b")
+		}},
+		{"flush before writing", get, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/event-stream")
+			http.NewResponseController(w).Flush()
+			io.WriteString(w, "data: 1\n\n")
+		}},
+		{"no content", get, func(w http.ResponseWriter, r *http.Request) {
+			w.WriteHeader(http.StatusNoContent)
+			io.WriteString(w, "x")
+		}},
+		{"not modified", get, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Type", "text/plain")
+			w.Header().Set("Content-Length", "10")
+			w.Header().Set("Etag", `"v1"`)
+			w.WriteHeader(http.StatusNotModified)
+		}},
+		{"HEAD with a body written", head, write("hello")},
+		{"HEAD with nothing written", head, func(http.ResponseWriter, *http.Request) {}},
+		{"HEAD with a declared length", head, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Length", "100")
+		}},
+		{"declared trailer", get, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Trailer", "X-Sum, Content-Length")
+			io.WriteString(w, "a")
+			w.Header().Set("X-Sum", "1")
+		}},
+		{"prefixed trailer", get, func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, "a")
+			w.Header().Set(http.TrailerPrefix+"X-Late", "2")
+		}},
+		{"early hints", get, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Add("Link", "</a.css>; rel=preload")
+			w.WriteHeader(http.StatusEarlyHints)
+			w.WriteHeader(http.StatusCreated)
+			io.WriteString(w, "x")
+		}},
+		{"superfluous WriteHeader", get, func(w http.ResponseWriter, r *http.Request) {
+			w.WriteHeader(http.StatusAccepted)
+			w.WriteHeader(http.StatusInternalServerError)
+			io.WriteString(w, "x")
+		}},
+		{"header changed after WriteHeader", get, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("X-Early", "1")
+			w.WriteHeader(http.StatusOK)
+			w.Header().Set("X-Late", "1")
+			io.WriteString(w, "x")
+		}},
+		{"identity transfer encoding", get, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Transfer-Encoding", "identity")
+			io.WriteString(w, "x")
+			w.(http.Flusher).Flush()
+			io.WriteString(w, "y")
+		}},
+		{"chunked and a length", get, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Transfer-Encoding", "chunked")
+			w.Header().Set("Content-Length", "5")
+			io.WriteString(w, "hello")
+		}},
+		{"invalid length", get, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Length", "abc")
+			io.WriteString(w, "x")
+		}},
+		{"handler closes", get, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Connection", "close")
+			io.WriteString(w, "x")
+		}},
+		{"client closes", "GET /x HTTP/1.1\r\nHost: svc.example\r\nConnection: close\r\n\r\n", write("x")},
+		{"shorter than declared", get, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Length", "10")
+			io.WriteString(w, "abc")
+		}},
+		{"longer than declared", get, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Length", "2")
+			io.WriteString(w, "abcdef")
+		}},
+		{"echo", post, func(w http.ResponseWriter, r *http.Request) { io.Copy(w, r.Body) }},
+		{"body ignored", post, write("ok")},
+		{"large body ignored", "POST /x HTTP/1.1\r\nHost: svc.example\r\nContent-Length: 300000\r\n\r\n" + strings.Repeat("z", 300000), write("ok")},
+		{"body closed early", "POST /x HTTP/1.1\r\nHost: svc.example\r\nContent-Length: 10\r\n\r\n0123456789", func(w http.ResponseWriter, r *http.Request) {
+			var b [3]byte
+			io.ReadFull(r.Body, b[:])
+			r.Body.Close()
+			w.Write(b[:])
+		}},
+		{"chunked request with trailer", "POST /x HTTP/1.1\r\nHost: svc.example\r\nTransfer-Encoding: chunked\r\nTrailer: X-T\r\n\r\n5\r\nhello\r\n0\r\nX-T: v\r\n\r\n", func(w http.ResponseWriter, r *http.Request) {
+			b, _ := io.ReadAll(r.Body)
+			io.WriteString(w, r.Trailer.Get("X-T")+" "+string(b))
+		}},
+		{"status without text", get, func(w http.ResponseWriter, r *http.Request) {
+			w.WriteHeader(599)
+			io.WriteString(w, "x")
+		}},
+		{"encoded, not sniffed", get, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Encoding", "gzip")
+			io.WriteString(w, "<html>")
+		}},
+		{"http.Error", get, func(w http.ResponseWriter, r *http.Request) { http.Error(w, "nope", http.StatusTeapot) }},
+		{"range", "GET /f HTTP/1.1\r\nHost: svc.example\r\nRange: bytes=2-4\r\n\r\n", func(w http.ResponseWriter, r *http.Request) {
+			http.ServeContent(w, r, "f.txt", time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC), strings.NewReader("0123456789"))
+		}},
+		{"value with a newline", get, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("X-Bad", "a\r\nInjected: 1")
+			io.WriteString(w, "x")
+		}},
+		{"slow, watched", get, func(w http.ResponseWriter, r *http.Request) {
+			time.Sleep(4 * watchAfter)
+			io.WriteString(w, "late")
+		}},
+		{"slow after reading a body", post, func(w http.ResponseWriter, r *http.Request) {
+			b, _ := io.ReadAll(r.Body)
+			time.Sleep(4 * watchAfter)
+			w.Write(b)
+		}},
+		{"abort", get, func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, "partial")
+			w.(http.Flusher).Flush()
+			panic(http.ErrAbortHandler)
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			// A request for /next follows on a connection left open: it
+			// must find it in step.
+			h := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if r.URL.Path == "/next" {
+					io.WriteString(w, "next")
+					return
+				}
+				tc.handler(w, r)
+			})
+			want := exchanges(t, dialNetHTTP(t, h), tc.request)
+			got := exchanges(t, dialDataServer(t, h), tc.request)
+			if got != want {
+				t.Errorf("data server:\n%s\nnet/http:\n%s", got, want)
+			}
+		})
+	}
+}
+
+var dateLine = regexp.MustCompile(`(?m)^Date: .*\r$`)
+
+// exchanges sends request on c, then a request for /next, and returns
+// what came back, Date lines blanked, or "[closed]" where the connection
+// was closed instead.
+func exchanges(t *testing.T, c net.Conn, request string) string {
+	t.Helper()
+	var out strings.Builder
+	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+	for _, req := range []string{request, "GET /next HTTP/1.1\r\nHost: svc.example\r\n\r\n"} {
+		method, _, _ := strings.Cut(req, " ")
+		// Written aside: a server may answer before it has read it all.
+		go io.WriteString(c, req)
+		var got bytes.Buffer
+		br := bufio.NewReader(io.TeeReader(c, &got))
+		for {
+			res, err := http.ReadResponse(br, &http.Request{Method: method})
+			if err != nil {
+				if isTimeout(err) {
+					t.Fatalf("no answer to %q: %v", req, err)
+				}
+				got.WriteString("[closed]")
+				break
+			}
+			_, _ = io.Copy(io.Discard, res.Body)
+			if res.StatusCode >= 200 {
+				break
+			}
+		}
+		out.WriteString(dateLine.ReplaceAllString(got.String(), "Date: -\r"))
+		out.WriteString("\n---\n")
+	}
+	return out.String()
+}
+
+func isTimeout(err error) bool {
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+// dialNetHTTP serves h with net/http on loopback and returns a connection
+// to it.
+func dialNetHTTP(t *testing.T, h http.Handler) net.Conn {
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := &http.Server{Handler: h, ErrorLog: log.New(io.Discard, "", 0)}
+	go srv.Serve(ln)
+	t.Cleanup(func() { srv.Close() })
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
+}
+
+// dialDataServer serves h on a data connection, as a member does, and
+// returns the tunnel server's end of it.
+func dialDataServer(t *testing.T, h http.Handler) net.Conn {
+	pki := testpki.New(t)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	var wg sync.WaitGroup
+	t.Cleanup(wg.Wait)
+	wg.Go(func() {
+		raw, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Error(err)
+			return
+		}
+		cc := &coalescingConn{Conn: raw, pool: &sync.Pool{}}
+		tc := tls.Client(cc, &tls.Config{RootCAs: pki.Pool, ServerName: "localhost"})
+		if err := tc.Handshake(); err != nil {
+			t.Error(err)
+			raw.Close()
+			return
+		}
+		s := &dataServer{handler: h, log: slog.New(slog.DiscardHandler), track: func(*batchedTLS, http.ConnState) {}, writers: &responseWriters{}}
+		s.serve(t.Context(), &batchedTLS{Conn: tc, raw: cc})
+	})
+	c, err := ln.Accept()
+	if err != nil {
+		t.Fatal(err)
+	}
+	tc := tls.Server(c, &tls.Config{Certificates: []tls.Certificate{pki.Cert}})
+	t.Cleanup(func() { tc.Close() })
+	return tc
+}
+
+// A handler that outlives watchAfter learns that the tunnel server closed
+// its connection (the visitor left) from its request's context.
+func TestDataServerCancelsWhenConnectionCloses(t *testing.T) {
+	started, cancelled := make(chan struct{}), make(chan time.Duration, 1)
+	c := dialDataServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		close(started)
+		t0 := time.Now()
+		select {
+		case <-r.Context().Done():
+			cancelled <- time.Since(t0)
+		case <-time.After(5 * time.Second):
+			cancelled <- -1
+		}
+	}))
+	go io.WriteString(c, "GET /wait HTTP/1.1\r\nHost: svc.example\r\n\r\n")
+	<-started
+	time.Sleep(2 * watchAfter)
+	c.Close()
+	if d := <-cancelled; d < 0 {
+		t.Fatal("the handler's context was not cancelled when its connection closed")
+	} else {
+		t.Logf("cancelled %v after the handler started", d)
+	}
+}
