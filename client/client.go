@@ -547,7 +547,7 @@ func (s *Server) serve(ctx context.Context, addr string, tlsConf *tls.Config, tc
 	// that a server recovers http.ErrAbortHandler and cuts the response:
 	// without it httputil.ReverseProxy ends a response it could not copy
 	// whole as if it were complete. The value stands for the tunnel and
-	// serves nothing; data connections carry their real http.Server.
+	// serves nothing; data connections set one of their own.
 	tunnelServer := &http.Server{Handler: tc}
 	var h3Log *slog.Logger
 	if s.Logger != nil {

@@ -79,6 +79,11 @@ func (d *dataConns) serveConn(c *batchedTLS) {
 func (s *dataServer) serve(ctx context.Context, c *batchedTLS) {
 	state := c.ConnectionState()
 	s.conn = c
+	// As net/http's: the server key tells handlers that a panic with
+	// http.ErrAbortHandler cuts the response (httputil.ReverseProxy ends
+	// one it could not copy whole as if it were complete without it).
+	// The value stands for this server and serves nothing.
+	ctx = context.WithValue(ctx, http.ServerContextKey, &http.Server{Handler: s.handler})
 	s.ctx = context.WithValue(ctx, http.LocalAddrContextKey, c.LocalAddr())
 	s.remote = c.RemoteAddr().String()
 	s.tls = &state
@@ -259,6 +264,8 @@ func (l *requestLimit) Read(p []byte) (int, error) {
 }
 
 var errRequestHeaderTooLarge = errors.New("request header too large")
+
+var errHandlerReturned = errors.New("client: response written after its handler returned")
 
 // dataRequestBody is a request's body as its handler sees it: it can no
 // longer be read once the handler has returned, when the connection's
@@ -447,8 +454,11 @@ func (w *dataResponse) WriteString(s string) (int, error) {
 
 // beforeWrite accounts for n bytes the handler writes, or refuses them.
 func (w *dataResponse) beforeWrite(n int) error {
-	if w.handlerDone {
+	if w.hijacked {
 		return http.ErrHijacked
+	}
+	if w.handlerDone {
+		return errHandlerReturned
 	}
 	if !w.wroteHeader {
 		w.WriteHeader(http.StatusOK)

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"crypto/tls"
 	"errors"
+	"fmt"
 	"io"
 	"log"
 	"log/slog"
@@ -163,6 +164,11 @@ func TestDataServerAnswersAsNetHTTP(t *testing.T) {
 			b, _ := io.ReadAll(r.Body)
 			time.Sleep(4 * watchAfter)
 			w.Write(b)
+		}},
+		{"server and local address keys", get, func(w http.ResponseWriter, r *http.Request) {
+			_, srv := r.Context().Value(http.ServerContextKey).(*http.Server)
+			_, local := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
+			fmt.Fprint(w, srv, local)
 		}},
 		{"abort", get, func(w http.ResponseWriter, r *http.Request) {
 			io.WriteString(w, "partial")
