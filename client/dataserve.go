@@ -149,11 +149,18 @@ func (s *dataServer) serveOne() int {
 	s.current = w
 	s.mu.Unlock()
 	s.watch.Reset(watchAfter)
+	ok := s.handle(w)
 	switch {
-	case !s.handle(w):
-		return connClose
 	case w.hijacked:
+		// Even after a panic, as net/http: the connection is the
+		// handler's.
 		return connHijacked
+	case !ok:
+		// As net/http, what the connection's buffer holds goes out
+		// before it is closed: the tunnel server sees the response cut
+		// rather than none.
+		_ = s.bw.Flush()
+		return connClose
 	case !w.finish():
 		return connClose
 	}
@@ -169,7 +176,9 @@ func (s *dataServer) handle(w *dataResponse) (ok bool) {
 			if p != http.ErrAbortHandler {
 				s.log.Error("panic serving a data connection request", "panic", p)
 			}
-			s.unwatch(w)
+			if !w.hijacked {
+				s.unwatch(w)
+			}
 			ok = false
 		}
 	}()
@@ -206,14 +215,17 @@ func (s *dataServer) startWatch() {
 	w.watching = true
 	w.watched = make(chan struct{})
 	go func() {
-		var one [1]byte
-		n, err := s.conn.Read(one[:])
-		if n > 0 || err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
-			// A byte before the response is complete, or the connection
-			// closed: either way it cannot carry another exchange.
+		n, err := s.conn.Read(s.limit.early[:])
+		switch {
+		case n > 0:
+			// The next request: the response can be whole before its
+			// handler returns (a Content-Length flushed), and the tunnel
+			// server then sends the next one. Kept for the reader, as
+			// net/http keeps it, and not a visitor leaving.
+			s.limit.hasEarly = true
+		case !errors.Is(err, os.ErrDeadlineExceeded):
+			// The connection closed: it cannot carry another exchange.
 			w.lost = true
-		}
-		if err != nil && !errors.Is(err, os.ErrDeadlineExceeded) {
 			w.cancel()
 		}
 		close(w.watched)
@@ -242,24 +254,34 @@ func isNetError(err error) bool {
 	return errors.As(err, &ne)
 }
 
-// requestLimit bounds what a request's header may read.
+// requestLimit bounds what a request's header may read. It is also where
+// the watcher leaves the byte it read, read first.
 type requestLimit struct {
-	r io.Reader
-	n int64 // bytes left; negative when unlimited
+	r        io.Reader
+	n        int64 // bytes left; negative when unlimited
+	early    [1]byte
+	hasEarly bool // early is the next byte, set by a watcher that has ended
 }
 
 func (l *requestLimit) Read(p []byte) (int, error) {
-	if l.n < 0 {
-		return l.r.Read(p)
-	}
 	if l.n == 0 {
 		return 0, errRequestHeaderTooLarge
 	}
-	if int64(len(p)) > l.n {
+	if l.n > 0 && int64(len(p)) > l.n {
 		p = p[:l.n]
 	}
+	if l.hasEarly && len(p) > 0 {
+		l.hasEarly = false
+		p[0] = l.early[0]
+		if l.n > 0 {
+			l.n--
+		}
+		return 1, nil
+	}
 	n, err := l.r.Read(p)
-	l.n -= int64(n)
+	if l.n > 0 {
+		l.n -= int64(n)
+	}
 	return n, err
 }
 
@@ -277,6 +299,7 @@ type dataRequestBody struct {
 	read   int64
 	eof    bool
 	closed bool
+	cut    bool // closed by the handler with more left than discarded
 }
 
 func (b *dataRequestBody) Read(p []byte) (int, error) {
@@ -296,12 +319,16 @@ func (b *dataRequestBody) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// Close ends the handler's reads; what is left is discarded after the
-// handler has returned.
+// Close ends the handler's reads, and discards what is left as net/http
+// does: the watch starts from the end of the body, and a handler that
+// closes it unread to wait for its visitor should learn it left.
 func (b *dataRequestBody) Close() error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	b.closed = true
+	if !b.closed {
+		b.closed = true
+		b.cut = !b.discard()
+	}
 	return nil
 }
 
@@ -325,16 +352,32 @@ func (b *dataRequestBody) finish() bool {
 		return false
 	}
 	defer b.mu.Unlock()
+	if b.cut {
+		return false
+	}
+	if !b.discard() {
+		// Not worth waiting for (an upload refused may never come). As
+		// net/http, a handler that answered first may still read it.
+		return false
+	}
 	b.closed = true
+	return true
+}
+
+// discard reads what is left of the body, up to maxPostHandlerRead, and
+// reports whether it reached its end; b.mu is held.
+func (b *dataRequestBody) discard() bool {
 	if b.eof || b.r == http.NoBody {
 		return true
 	}
 	if b.length >= 0 && b.length-b.read >= maxPostHandlerRead {
-		// Not worth waiting for (an upload refused may never come).
 		return false
 	}
 	n, err := io.CopyN(io.Discard, b.r, maxPostHandlerRead+1)
-	return err == io.EOF && n <= maxPostHandlerRead
+	b.read += n
+	// At its end, for the watch as for a handler's read.
+	b.eof = err == io.EOF
+	return b.eof
 }
 
 // dataResponse is the http.ResponseWriter of a request on a data
@@ -369,24 +412,31 @@ type dataResponse struct {
 	hijacked bool
 }
 
-// Hijack implements http.Hijacker as net/http does: what was written is
-// sent, and the connection is the handler's. (Upgrades do not come this
-// way; see serveHTTP.)
+// Hijack implements http.Hijacker as net/http does: a header set with
+// WriteHeader is sent, as if the handler were still running (no
+// Content-Length), without what the handler wrote of the body, which is
+// dropped; the connection is then the handler's, without deadlines.
+// (Upgrades do not come this way; see serveHTTP.)
 func (w *dataResponse) Hijack() (net.Conn, *bufio.ReadWriter, error) {
 	if w.hijacked || w.handlerDone {
 		return nil, nil, http.ErrHijacked
 	}
+	if w.wroteHeader && !w.sentHeader {
+		// Before unwatch, which marks the handler done.
+		w.sendHeader(nil)
+	}
 	w.s.unwatch(w)
-	if w.wroteHeader {
-		_ = w.w.Flush()
-		if !w.sentHeader {
-			w.sendHeader(nil)
-		}
+	if w.s.limit.hasEarly {
+		// The byte the watcher read goes where the handler looks for
+		// what was read ahead, as net/http puts it.
+		_, _ = w.s.br.Peek(w.s.br.Buffered() + 1)
 	}
 	if err := w.s.bw.Flush(); err != nil {
 		return nil, nil, err
 	}
 	w.hijacked = true
+	w.s.deadline = false
+	_ = w.s.conn.SetDeadline(time.Time{})
 	w.s.track(w.s.conn, http.StateHijacked)
 	return w.s.conn, bufio.NewReadWriter(w.s.br, bufio.NewWriter(w.s.conn)), nil
 }
@@ -401,6 +451,11 @@ func (w *dataResponse) Header() http.Header {
 }
 
 func (w *dataResponse) WriteHeader(code int) {
+	if w.hijacked {
+		// As net/http: the connection is no longer ours to write to.
+		w.s.log.Debug("WriteHeader on a hijacked data connection", "code", code)
+		return
+	}
 	if code < 100 || code > 999 {
 		panic(fmt.Sprintf("invalid WriteHeader code %v", code))
 	}
@@ -481,6 +536,11 @@ func (w *dataResponse) Flush() { _ = w.FlushError() }
 
 // FlushError is http.ResponseController's Flush.
 func (w *dataResponse) FlushError() error {
+	if w.hijacked {
+		// Nothing of ours may reach a connection the handler has (and
+		// w.w may serve another response once the handler returns).
+		return http.ErrHijacked
+	}
 	if !w.wroteHeader {
 		w.WriteHeader(http.StatusOK)
 	}
@@ -514,10 +574,15 @@ func (w *dataResponse) EnableFullDuplex() error {
 	return nil
 }
 
+// fail records the first write to the connection that failed, which
+// closes it; as net/http, it also cancels the request's context: a
+// handler that is not watched (its request's body unread) learns from it
+// that its visitor left.
 func (w *dataResponse) fail(err error) {
 	if err != nil && w.err == nil {
 		w.err = err
 		_ = w.s.conn.Close()
+		w.cancel()
 	}
 }
 

@@ -170,6 +170,57 @@ func TestDataServerAnswersAsNetHTTP(t *testing.T) {
 			_, local := r.Context().Value(http.LocalAddrContextKey).(net.Addr)
 			fmt.Fprint(w, srv, local)
 		}},
+		{"next request sent once the response is whole", get, func(w http.ResponseWriter, r *http.Request) {
+			w.Header().Set("Content-Length", "5")
+			io.WriteString(w, "hello")
+			w.(http.Flusher).Flush()
+			time.Sleep(4 * watchAfter)
+		}},
+		{"large body read after the header is flushed", "POST /x HTTP/1.1\r\nHost: svc.example\r\nContent-Length: 300000\r\n\r\n" + strings.Repeat("z", 300000), func(w http.ResponseWriter, r *http.Request) {
+			w.(http.Flusher).Flush()
+			n, err := io.Copy(io.Discard, r.Body)
+			fmt.Fprint(w, n, err)
+		}},
+		{"abort with the response unflushed", get, func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, strings.Repeat("a", 3000))
+			panic(http.ErrAbortHandler)
+		}},
+		{"hijack after a write", get, func(w http.ResponseWriter, r *http.Request) {
+			io.WriteString(w, "hello")
+			c, rw, err := w.(http.Hijacker).Hijack()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+			rw.WriteString("0\r\n\r\n")
+			rw.Flush()
+		}},
+		{"WriteHeader and Flush after a hijack", get, func(w http.ResponseWriter, r *http.Request) {
+			c, rw, err := w.(http.Hijacker).Hijack()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+			w.WriteHeader(http.StatusEarlyHints)
+			w.WriteHeader(http.StatusOK)
+			func() {
+				defer func() { recover() }() // net/http's panics
+				w.(http.Flusher).Flush()
+			}()
+			rw.WriteString("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+			rw.Flush()
+		}},
+		{"hijack lifts a write deadline", get, func(w http.ResponseWriter, r *http.Request) {
+			http.NewResponseController(w).SetWriteDeadline(time.Now().Add(10 * time.Millisecond))
+			c, rw, err := w.(http.Hijacker).Hijack()
+			if err != nil {
+				return
+			}
+			defer c.Close()
+			time.Sleep(30 * time.Millisecond)
+			rw.WriteString("HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi")
+			rw.Flush()
+		}},
 		{"abort", get, func(w http.ResponseWriter, r *http.Request) {
 			io.WriteString(w, "partial")
 			w.(http.Flusher).Flush()
@@ -291,26 +342,62 @@ func dialDataServer(t *testing.T, h http.Handler) net.Conn {
 }
 
 // A handler that outlives watchAfter learns that the tunnel server closed
-// its connection (the visitor left) from its request's context.
+// its connection (the visitor left) from its request's context, as it
+// would from net/http's, once the request's body is behind it.
 func TestDataServerCancelsWhenConnectionCloses(t *testing.T) {
-	started, cancelled := make(chan struct{}), make(chan time.Duration, 1)
-	c := dialDataServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		close(started)
-		t0 := time.Now()
-		select {
-		case <-r.Context().Done():
-			cancelled <- time.Since(t0)
-		case <-time.After(5 * time.Second):
-			cancelled <- -1
+	post := "POST /wait HTTP/1.1\r\nHost: svc.example\r\nContent-Length: 5\r\n\r\nhello"
+	for _, tc := range []struct {
+		name    string
+		request string
+		first   func(http.ResponseWriter, *http.Request)
+		stream  bool // writes as it waits, its errors ignored
+	}{
+		{"no body", "GET /wait HTTP/1.1\r\nHost: svc.example\r\n\r\n", func(http.ResponseWriter, *http.Request) {}, false},
+		{"body read", post, func(w http.ResponseWriter, r *http.Request) { io.ReadAll(r.Body) }, false},
+		{"body discarded by a flush", post, func(w http.ResponseWriter, r *http.Request) { w.(http.Flusher).Flush() }, false},
+		{"body closed unread", post, func(w http.ResponseWriter, r *http.Request) { r.Body.Close() }, false},
+		{"body too large to discard, a stream written", "POST /wait HTTP/1.1\r\nHost: svc.example\r\nContent-Length: 300000\r\n\r\n" + strings.Repeat("z", 300000), func(http.ResponseWriter, *http.Request) {}, true},
+	} {
+		for _, srv := range []struct {
+			name string
+			dial func(*testing.T, http.Handler) net.Conn
+		}{{"net/http", dialNetHTTP}, {"data server", dialDataServer}} {
+			t.Run(tc.name+"/"+srv.name, func(t *testing.T) {
+				t.Parallel()
+				started, cancelled := make(chan struct{}), make(chan time.Duration, 1)
+				c := srv.dial(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+					tc.first(w, r)
+					close(started)
+					t0 := time.Now()
+					tick := time.NewTicker(time.Millisecond)
+					defer tick.Stop()
+					timeout := time.After(5 * time.Second)
+					for {
+						select {
+						case <-r.Context().Done():
+							cancelled <- time.Since(t0)
+							return
+						case <-timeout:
+							cancelled <- -1
+							return
+						case <-tick.C:
+							if tc.stream {
+								io.WriteString(w, "data: x\n\n")
+								w.(http.Flusher).Flush()
+							}
+						}
+					}
+				}))
+				go io.WriteString(c, tc.request)
+				<-started
+				time.Sleep(2 * watchAfter)
+				c.Close()
+				if d := <-cancelled; d < 0 {
+					t.Fatal("the handler's context was not cancelled when its connection closed")
+				} else {
+					t.Logf("cancelled %v after the handler started", d)
+				}
+			})
 		}
-	}))
-	go io.WriteString(c, "GET /wait HTTP/1.1\r\nHost: svc.example\r\n\r\n")
-	<-started
-	time.Sleep(2 * watchAfter)
-	c.Close()
-	if d := <-cancelled; d < 0 {
-		t.Fatal("the handler's context was not cancelled when its connection closed")
-	} else {
-		t.Logf("cancelled %v after the handler started", d)
 	}
 }
