@@ -59,7 +59,7 @@ type dataServer struct {
 	limit    requestLimit
 	br       *bufio.Reader
 	bw       *bufio.Writer
-	ctx      context.Context // the tunnel connection's, with the local address
+	ctx      context.Context // the tunnel connection's, with net/http's keys
 	remote   string
 	tls      *tls.ConnectionState
 	watch    *time.Timer
@@ -90,19 +90,21 @@ func (s *dataServer) serve(ctx context.Context, c *batchedTLS) {
 	s.limit = requestLimit{r: c, n: -1}
 	s.br = bufio.NewReaderSize(&s.limit, 4<<10)
 	s.bw = bufio.NewWriterSize(c, 4<<10)
+	// Stopped until a request arms it; every exchange stops it again
+	// (unwatch) before it ends.
 	s.watch = time.AfterFunc(time.Hour, s.startWatch)
 	s.watch.Stop()
 	for {
 		switch s.serveOne() {
 		case connKeep:
 			s.track(c, http.StateIdle)
-			continue
 		case connClose:
 			_ = c.Close()
 			s.track(c, http.StateClosed)
+			return
+		case connHijacked:
+			return
 		}
-		s.watch.Stop()
-		return
 	}
 }
 
@@ -190,7 +192,8 @@ func (s *dataServer) handle(w *dataResponse) (ok bool) {
 // connection.
 func (s *dataServer) refuse(code int) {
 	_ = s.conn.SetWriteDeadline(time.Now().Add(time.Second))
-	fmt.Fprintf(s.bw, "HTTP/1.1 %d %s\r\nContent-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n%s", code, http.StatusText(code), http.StatusText(code))
+	writeStatusLine(s.bw, code)
+	_, _ = s.bw.WriteString("Content-Type: text/plain; charset=utf-8\r\nConnection: close\r\n\r\n" + http.StatusText(code))
 	_ = s.bw.Flush()
 }
 
