@@ -3,7 +3,6 @@ package client
 import (
 	"bufio"
 	"bytes"
-	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -16,8 +15,6 @@ import (
 	"sync"
 	"testing"
 	"time"
-
-	"github.com/reverst-dev/reverst/internal/testpki"
 )
 
 // The data connections' server answers as net/http's does: for each
@@ -308,37 +305,15 @@ func dialNetHTTP(t *testing.T, h http.Handler) net.Conn {
 // dialDataServer serves h on a data connection, as a member does, and
 // returns the tunnel server's end of it.
 func dialDataServer(t *testing.T, h http.Handler) net.Conn {
-	pki := testpki.New(t)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
+	member, server := dataConnPair(t, &sync.Pool{}, nil)
+	s := &dataServer{handler: h, log: slog.New(slog.DiscardHandler), track: func(*batchedTLS, http.ConnState) {}, writers: &responseWriters{}}
 	var wg sync.WaitGroup
-	t.Cleanup(wg.Wait)
-	wg.Go(func() {
-		raw, err := net.Dial("tcp", ln.Addr().String())
-		if err != nil {
-			t.Error(err)
-			return
-		}
-		cc := &coalescingConn{Conn: raw, pool: &sync.Pool{}}
-		tc := tls.Client(cc, &tls.Config{RootCAs: pki.Pool, ServerName: "localhost"})
-		if err := tc.Handshake(); err != nil {
-			t.Error(err)
-			raw.Close()
-			return
-		}
-		s := &dataServer{handler: h, log: slog.New(slog.DiscardHandler), track: func(*batchedTLS, http.ConnState) {}, writers: &responseWriters{}}
-		s.serve(t.Context(), &batchedTLS{Conn: tc, raw: cc})
+	wg.Go(func() { s.serve(t.Context(), member) })
+	t.Cleanup(func() {
+		server.Close()
+		wg.Wait()
 	})
-	c, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	tc := tls.Server(c, &tls.Config{Certificates: []tls.Certificate{pki.Cert}})
-	t.Cleanup(func() { tc.Close() })
-	return tc
+	return server
 }
 
 // A handler that outlives watchAfter learns that the tunnel server closed
