@@ -61,6 +61,12 @@ func (s *Server) ServeData(ln net.Listener, config *tls.Config) error {
 			}
 			return fmt.Errorf("tunnel: accepting data connections: %w", err)
 		}
+		if !s.pending.enter(c.RemoteAddr()) {
+			s.Metrics.dataConn("refused")
+			s.logger().Debug("data connection refused: too many in their hello", "remote", c.RemoteAddr().String())
+			_ = c.Close()
+			continue
+		}
 		raw := newReadBatcher(c, &s.readBufs)
 		go s.handleData(tls.Server(raw, config), raw)
 	}
@@ -96,6 +102,7 @@ func Listen(address string) (*net.UDPConn, net.Listener, error) {
 // handleData runs the hello on c and gives it to its member.
 func (s *Server) handleData(c *tls.Conn, raw *readBatcher) {
 	m, err := s.dataHello(c)
+	s.pending.leave(c.RemoteAddr())
 	if err == nil && !m.data.add(c, raw) {
 		err = errors.New("member gone or at its data connection limit")
 	}

@@ -12,6 +12,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -840,4 +841,85 @@ func TestEarlyAnswerToStalledUploadFreesSlot(t *testing.T) {
 			t.Fatalf("next request: %d %q", code, body)
 		}
 	})
+}
+
+// Connections to the data port that never say hello hold a place only up
+// to a limit per host: the next one is closed at once, without a TLS
+// handshake, even a member's; once they go, members' data connections are
+// taken again.
+func TestSilentDataConnectionsBounded(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	e := startServerWith(t, func(s *tunnel.Server) {
+		s.Metrics = tunnel.NewMetrics(reg)
+		s.RegisterTimeout = time.Minute // the silent ones stay for the whole test
+	}, svc)
+	_, _, resp := e.registerRaw(t, "svc", map[string]string{protocol.MetadataData: protocol.DataHTTP1}, &quic.Config{MaxIdleTimeout: 10 * time.Second})
+	token := resp.Metadata[protocol.MetadataData]
+	if token == "" {
+		t.Fatal("no data token")
+	}
+	hello := func() error {
+		tc, err := tls.Dial("tcp", e.addr, &tls.Config{RootCAs: e.roots, ServerName: "localhost", NextProtos: []string{protocol.DataALPN}})
+		if err != nil {
+			return err
+		}
+		defer tc.Close()
+		_ = tc.SetDeadline(time.Now().Add(5 * time.Second))
+		if err := protocol.WriteDataHello(tc, token); err != nil {
+			return err
+		}
+		var ok [1]byte
+		if _, err := io.ReadFull(tc, ok[:]); err != nil {
+			return err
+		}
+		return nil
+	}
+	if err := hello(); err != nil {
+		t.Fatalf("a member's data connection, before any silent one: %v", err)
+	}
+
+	silent := make([]net.Conn, tunnel.MaxPendingDataPerHost)
+	for i := range silent {
+		c, err := net.Dial("tcp", e.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		silent[i] = c
+	}
+	over, err := net.Dial("tcp", e.addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer over.Close()
+	_ = over.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if n, err := over.Read(make([]byte, 1)); err != io.EOF {
+		t.Fatalf("connection over the limit: read %d, %v; want it closed at once", n, err)
+	}
+	if err := hello(); err == nil {
+		t.Fatal("a data connection went through while the silent ones hold every place")
+	}
+	// The silent ones still wait for their hello.
+	_ = silent[0].SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+	if _, err := silent[0].Read(make([]byte, 1)); !os.IsTimeout(err) {
+		t.Fatalf("a silent connection within the limit: %v, want it kept waiting", err)
+	}
+	if refused := testutil.ToFloat64(dataConnsMetric(t, reg, "refused")); refused < 2 {
+		t.Errorf("reverst_data_connections_total{result=refused} = %v, want at least 2", refused)
+	}
+
+	for _, c := range silent {
+		c.Close()
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		err := hello()
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("data connections still refused after the silent ones left: %v", err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
 }

@@ -129,14 +129,9 @@ func newRegistrationLimiter(perSecond float64, burst int) *registrationLimiter {
 }
 
 func (l *registrationLimiter) allow(addr net.Addr) bool {
-	ap, err := netip.ParseAddrPort(addr.String())
-	if err != nil {
+	ip, ok := host(addr)
+	if !ok {
 		return true
-	}
-	ip := ap.Addr().Unmap()
-	if ip.Is6() {
-		// One IPv6 host commonly holds a whole /64.
-		ip = netip.PrefixFrom(ip, 64).Masked().Addr()
 	}
 	l.mu.Lock()
 	lim, ok := l.limiters.Get(ip)
@@ -146,4 +141,65 @@ func (l *registrationLimiter) allow(addr net.Addr) bool {
 	}
 	l.mu.Unlock()
 	return lim.Allow()
+}
+
+// host returns the peer that addr belongs to, as limits count them: its IP
+// address, or its /64 for IPv6, since one IPv6 host commonly holds a whole
+// /64.
+func host(addr net.Addr) (netip.Addr, bool) {
+	ap, err := netip.ParseAddrPort(addr.String())
+	if err != nil {
+		return netip.Addr{}, false
+	}
+	ip := ap.Addr().Unmap()
+	if ip.Is6() {
+		ip = netip.PrefixFrom(ip, 64).Masked().Addr()
+	}
+	return ip, true
+}
+
+// Limits on data connections that have not shown a member's token yet.
+// Anyone can open one, and each holds a goroutine, a TLS handshake and its
+// buffers until its hello arrives or the register timeout passes.
+const (
+	maxPendingData        = 1024
+	maxPendingDataPerHost = 64
+)
+
+// pendingData counts the data connections still in their hello, in all and
+// per host, and refuses those over the limits: the first ones go on to
+// their hello, later ones are closed at once. A member refused falls back
+// to QUIC and dials again later. The zero value is ready to use.
+type pendingData struct {
+	mu     sync.Mutex
+	total  int
+	byHost map[netip.Addr]int
+}
+
+// enter counts a new connection from addr, or reports false if it is one
+// too many.
+func (p *pendingData) enter(addr net.Addr) bool {
+	ip, _ := host(addr)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	if p.total >= maxPendingData || p.byHost[ip] >= maxPendingDataPerHost {
+		return false
+	}
+	if p.byHost == nil {
+		p.byHost = map[netip.Addr]int{}
+	}
+	p.total++
+	p.byHost[ip]++
+	return true
+}
+
+// leave uncounts a connection that entered, its hello over.
+func (p *pendingData) leave(addr net.Addr) {
+	ip, _ := host(addr)
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.total--
+	if p.byHost[ip]--; p.byHost[ip] <= 0 {
+		delete(p.byHost, ip)
+	}
 }

@@ -107,6 +107,7 @@ type Server struct {
 
 	readBufs sync.Pool // of data connection read batches
 	dataBufs dataBufs
+	pending  pendingData // data connections in their hello
 }
 
 func (s *Server) logger() *slog.Logger {
