@@ -129,10 +129,33 @@ func Parse(data []byte) (*Config, error) {
 	if err := yaml.Unmarshal(data, &doc); err != nil {
 		return nil, fmt.Errorf("groups: %w", err)
 	}
-	if err := errors.Join(append(emptyAuthentication(&doc), cfg.Validate())...); err != nil {
+	if err := errors.Join(append(append(nullGroups(&doc), emptyAuthentication(&doc)...), cfg.Validate())...); err != nil {
 		return nil, err
 	}
 	return &cfg, nil
+}
+
+// nullGroups finds what decodes to no group without an error: "groups:"
+// with nothing under it, which is what a file cut short while being
+// written looks like (no group at all is "groups: {}"), and a group named
+// "~" or "null", which YAML reads as no name.
+func nullGroups(doc *yaml.Node) []error {
+	defs, ok := mapping(doc)["groups"]
+	if !ok {
+		return nil
+	}
+	if isNull(defs) {
+		return []error{errors.New(`groups: no group listed; write "groups: {}" for none`)}
+	}
+	var errs []error
+	if n := resolve(defs); n.Kind == yaml.MappingNode {
+		for i := 0; i < len(n.Content); i += 2 {
+			if k := n.Content[i]; isNull(k) {
+				errs = append(errs, fmt.Errorf("groups: line %d: group name %q reads as null in YAML; quote it", k.Line, k.Value))
+			}
+		}
+	}
+	return errs
 }
 
 // emptyAuthentication finds the authentication keys, and the strategies
@@ -221,15 +244,16 @@ func (c *Config) Validate() error {
 		for i, h := range g.Hosts {
 			norm := NormalizeHost(h)
 			field := fmt.Sprintf("hosts[%d]", i)
+			prev, seen := owner[norm]
 			switch {
 			case norm == "":
 				fail(field, "must not be empty")
 			case strings.ContainsAny(norm, "/ \t@") || (strings.Contains(norm, "*") && !isWildcard(norm)):
 				fail(field, "%q is not a host name (a wildcard is \"*.\" followed by a domain)", h)
-			case owner[norm] == name:
+			case seen && prev == name:
 				fail(field, "host %q is listed twice", h)
-			case owner[norm] != "":
-				fail(field, "host %q is already routed to group %q", h, owner[norm])
+			case seen:
+				fail(field, "host %q is already routed to group %q", h, prev)
 			default:
 				owner[norm] = name
 			}

@@ -32,6 +32,17 @@ groups:
 	}
 }
 
+// No group at all is said explicitly, as an empty mapping.
+func TestParseNoGroups(t *testing.T) {
+	cfg, err := Parse([]byte("groups: {}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(cfg.Groups) != 0 {
+		t.Fatalf("groups %v", cfg.Names())
+	}
+}
+
 func TestParseErrorsNameGroupAndField(t *testing.T) {
 	tests := []struct {
 		name string
@@ -62,6 +73,11 @@ func TestParseErrorsNameGroupAndField(t *testing.T) {
 		{"external null", `groups: {a: {hosts: [a], authentication: {basic: {username: u, password: p}, external: null}}}`, []string{`group "a"`, "authentication.external"}},
 		{"authentication without value", "groups:\n  a:\n    hosts: [a]\n    authentication:\n", []string{`group "a"`, "authentication", "empty"}},
 		{"typo at top", `group: {}`, []string{"group"}},
+		// What a file cut short while being written looks like.
+		{"groups without value", "groups:\n", []string{"no group listed", "groups: {}"}},
+		{"group named ~", "groups:\n  a:\n    hosts: [a]\n  ~:\n    hosts: [b]\n", []string{"line 4", `"~"`, "null", "quote"}},
+		{"group named null", `groups: {null: {hosts: [b]}}`, []string{`"null"`, "quote"}},
+		{"group named empty", `groups: {"": {hosts: [b]}}`, []string{`group ""`, "name", "must not be empty"}},
 		{"second document", "groups: {a: {hosts: [a]}}\n---\ngroups: {b: {hosts: [b]}}\n", []string{"more than one YAML document"}},
 		{"empty", ``, []string{"empty"}},
 		{"not yaml", `groups: [`, []string{"groups"}},
