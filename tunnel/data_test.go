@@ -45,9 +45,8 @@ func (e *env) dataConns(group string) []int {
 // bodies of several MiB cross them intact both ways; members on QUIC only
 // get HTTP/3.
 func TestDataConnectionsCarryRequests(t *testing.T) {
-	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServer(t, svc)
-		e.quicOnly = quicOnly
+	paths(t, func(t *testing.T, p path) {
+		e := p.start(t, svc)
 		var protos sync.Map
 		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			protos.Store(r.Proto, true)
@@ -80,7 +79,7 @@ func TestDataConnectionsCarryRequests(t *testing.T) {
 		}
 
 		want := "HTTP/1.1"
-		if quicOnly {
+		if p.quicOnly {
 			want = "HTTP/3.0"
 		}
 		protos.Range(func(k, _ any) bool {
@@ -89,7 +88,7 @@ func TestDataConnectionsCarryRequests(t *testing.T) {
 			}
 			return true
 		})
-		if n := e.dataConns("svc"); len(n) != 1 || (n[0] == 0) != quicOnly {
+		if n := e.dataConns("svc"); len(n) != 1 || (n[0] == 0) != p.quicOnly {
 			t.Errorf("data connections per member: %v", n)
 		}
 	})
@@ -464,9 +463,8 @@ func draining(s *tunnel.Server) bool {
 // A member's response header beyond the server's limit is a bad gateway,
 // and the member's next answers go through.
 func TestMemberHeaderLimit(t *testing.T) {
-	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServerWith(t, func(s *tunnel.Server) { s.MaxResponseHeaderBytes = 8 << 10 }, svc)
-		e.quicOnly = quicOnly
+	paths(t, func(t *testing.T, p path) {
+		e := p.startWith(t, func(s *tunnel.Server) { s.MaxResponseHeaderBytes = 8 << 10 }, svc)
 		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if r.URL.Path == "/huge" {
 				w.Header().Set("X-Huge", strings.Repeat("h", 64<<10))
@@ -487,9 +485,8 @@ func TestMemberHeaderLimit(t *testing.T) {
 // Responses without a body (HEAD, 204, 304) and with a chunked body
 // leave a data connection in step for the next request.
 func TestBodylessResponsesKeepConnectionsInStep(t *testing.T) {
-	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServer(t, svc)
-		e.quicOnly = quicOnly
+	paths(t, func(t *testing.T, p path) {
+		e := p.start(t, svc)
 		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			switch r.URL.Path {
 			case "/204":
@@ -546,9 +543,8 @@ func echoSum(w http.ResponseWriter, r *http.Request) {
 // A request body of unknown length streams to the member with its
 // trailer.
 func TestChunkedRequestWithTrailer(t *testing.T) {
-	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServer(t, svc)
-		e.quicOnly = quicOnly
+	paths(t, func(t *testing.T, p path) {
+		e := p.start(t, svc)
 		e.serve(t, "svc", http.HandlerFunc(echoSum))
 		pr, pw := io.Pipe()
 		req := e.newRequest(t, t.Context(), http.MethodPost, "/", pr)
@@ -573,9 +569,8 @@ func TestChunkedRequestWithTrailer(t *testing.T) {
 // HTTP/1.1, on a data connection, carries trailers only with a chunked
 // body, so the request is sent chunked rather than without them.
 func TestTrailersAfterSizedBody(t *testing.T) {
-	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServer(t, svc)
-		e.quicOnly = quicOnly
+	paths(t, func(t *testing.T, p path) {
+		e := p.start(t, svc)
 		e.serve(t, "svc", http.HandlerFunc(echoSum))
 		h2 := httptest.NewUnstartedServer(e.srv)
 		h2.EnableHTTP2 = true
@@ -629,9 +624,8 @@ func (l *requestLog) noneSmuggled(t *testing.T) {
 // parsed as requests of its own, which the frontend never saw, and their
 // answers would go to the next visitors.
 func TestConnectBodySmuggling(t *testing.T) {
-	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServer(t, svc)
-		e.quicOnly = quicOnly
+	paths(t, func(t *testing.T, p path) {
+		e := p.start(t, svc)
 		var log requestLog
 		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			log.add(r)
@@ -655,9 +649,9 @@ func TestConnectBodySmuggling(t *testing.T) {
 		res.Body.Close()
 		time.Sleep(400 * time.Millisecond)
 		// Each visitor after it would get the previous one's answer.
-		for _, p := range []string{"/b", "/c"} {
-			if code, body := e.get(t, "svc.example", p); code != http.StatusOK || body != "for "+p {
-				t.Errorf("visitor asking %s got %d %q", p, code, body)
+		for _, target := range []string{"/b", "/c"} {
+			if code, body := e.get(t, "svc.example", target); code != http.StatusOK || body != "for "+target {
+				t.Errorf("visitor asking %s got %d %q", target, code, body)
 			}
 		}
 		log.noneSmuggled(t)
@@ -694,9 +688,8 @@ func TestConnectBodySmugglingHTTP2(t *testing.T) {
 // An HTTP/1.0 visitor gets no informational response (RFC 9110 §15.2): it
 // would take it for the final one.
 func TestNo1xxToHTTP10Visitor(t *testing.T) {
-	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServer(t, svc)
-		e.quicOnly = quicOnly
+	paths(t, func(t *testing.T, p path) {
+		e := p.start(t, svc)
 		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Link", "</a.css>; rel=preload")
 			w.WriteHeader(http.StatusEarlyHints)
@@ -813,12 +806,11 @@ func TestUnaskedBytesInTLSBufferNotReused(t *testing.T) {
 // A member that answers at once (401, 413) without reading the upload must
 // get its slot back although the visitor stalls in the middle of its body.
 func TestEarlyAnswerToStalledUploadFreesSlot(t *testing.T) {
-	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServerWith(t, func(s *tunnel.Server) {
+	paths(t, func(t *testing.T, p path) {
+		e := p.startWith(t, func(s *tunnel.Server) {
 			s.MaxRequestsPerMember = 1
 			s.QueueTimeout = 2 * time.Second
 		}, svc)
-		e.quicOnly = quicOnly
 		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if r.Method == http.MethodPost {
 				http.Error(w, "no", http.StatusUnauthorized) // body left unread

@@ -136,9 +136,8 @@ func (e *env) waitData(t testing.TB, group, remote string) {
 }
 
 func TestRequestThroughTunnel(t *testing.T) {
-	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServer(t, svc)
-		e.quicOnly = quicOnly
+	paths(t, func(t *testing.T, p path) {
+		e := p.start(t, svc)
 		e.join(t, "svc", "a", nil)
 		code, body := e.get(t, "SVC.example:8181", "/fo")
 		if code != http.StatusOK {
@@ -189,9 +188,8 @@ func TestDebugAccessLine(t *testing.T) {
 }
 
 func TestRequestsSpreadOverMembers(t *testing.T) {
-	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServer(t, svc)
-		e.quicOnly = quicOnly
+	paths(t, func(t *testing.T, p path) {
+		e := p.start(t, svc)
 		e.join(t, "svc", "a", nil)
 		e.join(t, "svc", "b", nil)
 		e.waitMembers(t, "svc", func(n int) bool { return n == 2 })
@@ -210,9 +208,8 @@ func TestRequestsSpreadOverMembers(t *testing.T) {
 }
 
 func TestMemberLeavesGroup(t *testing.T) {
-	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServer(t, svc)
-		e.quicOnly = quicOnly
+	paths(t, func(t *testing.T, p path) {
+		e := p.start(t, svc)
 		a := e.join(t, "svc", "a", nil)
 		e.join(t, "svc", "b", nil)
 		e.waitMembers(t, "svc", func(n int) bool { return n == 2 })
@@ -387,9 +384,8 @@ reverst_registrations_total{group="svc",result="ok"} 1
 }
 
 func TestConcurrentRequests(t *testing.T) {
-	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServer(t, svc)
-		e.quicOnly = quicOnly
+	paths(t, func(t *testing.T, p path) {
+		e := p.start(t, svc)
 		e.join(t, "svc", "a", nil)
 		e.join(t, "svc", "b", nil)
 		var wg sync.WaitGroup
@@ -486,12 +482,11 @@ func TestForwardedHeaders(t *testing.T) {
 }
 
 func TestMemberRequestLimit(t *testing.T) {
-	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServerWith(t, func(s *tunnel.Server) {
+	paths(t, func(t *testing.T, p path) {
+		e := p.startWith(t, func(s *tunnel.Server) {
 			s.MaxRequestsPerMember = 2
 			s.QueueTimeout = 300 * time.Millisecond
 		}, svc)
-		e.quicOnly = quicOnly
 		release := make(chan struct{})
 		ready := make(chan struct{}, 1)
 		srv := &client.Server{

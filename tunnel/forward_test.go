@@ -86,9 +86,8 @@ var svc = tunnel.Group{Name: "svc", Hosts: []string{"svc.example"}}
 // Hop-by-hop request headers, and those the Connection header names, stay
 // on the visitor's hop; end-to-end ones go through.
 func TestHopByHopHeaders(t *testing.T) {
-	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServer(t, svc)
-		e.quicOnly = quicOnly
+	paths(t, func(t *testing.T, p path) {
+		e := p.start(t, svc)
 		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			var names []string
 			for k := range r.Header {
@@ -144,9 +143,8 @@ func TestHopByHopHeaders(t *testing.T) {
 
 // Response trailers reach the visitor, announced or not.
 func TestResponseTrailers(t *testing.T) {
-	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServer(t, svc)
-		e.quicOnly = quicOnly
+	paths(t, func(t *testing.T, p path) {
+		e := p.start(t, svc)
 		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Trailer", "X-Sum")
 			io.WriteString(w, "body")
@@ -176,9 +174,8 @@ func TestResponseTrailers(t *testing.T) {
 func TestStreamingResponseFlushes(t *testing.T) {
 	for _, ct := range []string{"text/plain", "text/event-stream"} {
 		t.Run(ct, func(t *testing.T) {
-			paths(t, func(t *testing.T, quicOnly bool) {
-				e := startServer(t, svc)
-				e.quicOnly = quicOnly
+			paths(t, func(t *testing.T, p path) {
+				e := p.start(t, svc)
 				got := make(chan struct{})
 				e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 					w.Header().Set("Content-Type", ct)
@@ -219,10 +216,9 @@ func TestStreamingResponseFlushes(t *testing.T) {
 // A visitor that leaves before the answer cancels the member's request,
 // is counted as 499, and frees the member's slot.
 func TestVisitorCancelIs499(t *testing.T) {
-	paths(t, func(t *testing.T, quicOnly bool) {
+	paths(t, func(t *testing.T, p path) {
 		reg := prometheus.NewRegistry()
-		e := startServerWith(t, func(s *tunnel.Server) { s.Metrics = tunnel.NewMetrics(reg) }, svc)
-		e.quicOnly = quicOnly
+		e := p.startWith(t, func(s *tunnel.Server) { s.Metrics = tunnel.NewMetrics(reg) }, svc)
 		started, cancelled := make(chan struct{}), make(chan struct{})
 		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			close(started)
@@ -289,9 +285,8 @@ func inFlight(s *tunnel.Server) int64 {
 // 502; one that breaks off after its header gets the visitor a cut
 // response, never a complete-looking one. Either way its slot is freed.
 func TestMemberFailures(t *testing.T) {
-	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServer(t, svc)
-		e.quicOnly = quicOnly
+	paths(t, func(t *testing.T, p path) {
+		e := p.start(t, svc)
 		headerSeen := make(chan struct{})
 		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			if r.URL.Path == "/after" {
@@ -336,9 +331,8 @@ func TestMemberFailures(t *testing.T) {
 // A request body goes through whole, and the member's 1xx answers before
 // the final one reach the visitor.
 func TestRequestBodyAndEarlyHints(t *testing.T) {
-	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServer(t, svc)
-		e.quicOnly = quicOnly
+	paths(t, func(t *testing.T, p path) {
+		e := p.start(t, svc)
 		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			w.Header().Set("Link", "</style.css>; rel=preload")
 			w.WriteHeader(http.StatusEarlyHints)

@@ -24,9 +24,8 @@ import (
 // startUploadServer serves group svc with a member that reads each upload
 // whole and answers "ok PATH", on a server whose ReceiveTimeout is a
 // second.
-func startUploadServer(t *testing.T, quicOnly bool) *env {
-	e := startServerWith(t, func(s *tunnel.Server) { s.ReceiveTimeout = time.Second }, svc)
-	e.quicOnly = quicOnly
+func startUploadServer(t *testing.T, p path) *env {
+	e := p.startWith(t, func(s *tunnel.Server) { s.ReceiveTimeout = time.Second }, svc)
 	e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		_, _ = io.Copy(io.Discard, r.Body)
 		io.WriteString(w, "ok "+r.URL.Path)
@@ -40,11 +39,11 @@ func startUploadServer(t *testing.T, quicOnly bool) *env {
 // connections (128) for good, were the body's reads not bounded by the
 // ReceiveTimeout.
 func TestStalledUploadsDoNotShutMemberOff(t *testing.T) {
-	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startUploadServer(t, quicOnly)
+	paths(t, func(t *testing.T, p path) {
+		e := startUploadServer(t, p)
 		addr := strings.TrimPrefix(e.frontend, "http://")
 		n := 110
-		if !quicOnly {
+		if !p.quicOnly {
 			n = 260
 		}
 		for i := range n {
@@ -76,9 +75,8 @@ func TestStalledUploadsDoNotShutMemberOff(t *testing.T) {
 // Requests pipelined on one connection, with bodies of each framing, each
 // reach the member once and get their own answer.
 func TestPipelinedBodies(t *testing.T) {
-	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServer(t, svc)
-		e.quicOnly = quicOnly
+	paths(t, func(t *testing.T, p path) {
+		e := p.start(t, svc)
 		var log requestLog
 		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			log.add(r)
@@ -118,9 +116,8 @@ func TestPipelinedBodies(t *testing.T) {
 // routing, forwarding), or that the visitor did not announce, are not
 // passed on to the member.
 func TestForbiddenTrailersNotForwarded(t *testing.T) {
-	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServer(t, svc)
-		e.quicOnly = quicOnly
+	paths(t, func(t *testing.T, p path) {
+		e := p.start(t, svc)
 		got := make(chan http.Header, 1)
 		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			_, _ = io.ReadAll(r.Body)
@@ -151,9 +148,8 @@ func TestForbiddenTrailersNotForwarded(t *testing.T) {
 // with a non-ASCII host, which routing would map ("ｓvc.example" to
 // "svc.example") but the member would see as another host, is refused.
 func TestAbsoluteFormHostMatchesRouting(t *testing.T) {
-	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServer(t, svc)
-		e.quicOnly = quicOnly
+	paths(t, func(t *testing.T, p path) {
+		e := p.start(t, svc)
 		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			fmt.Fprintf(w, "host=%s xfh=%s", r.Host, r.Header.Get("X-Forwarded-Host"))
 		}))
@@ -252,9 +248,8 @@ func (h *rawH2) readResponse(t *testing.T, id uint32) (string, string) {
 }
 
 func TestH2AuthorityVsHost(t *testing.T) {
-	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServer(t, svc, tunnel.Group{Name: "other", Hosts: []string{"other.example"}})
-		e.quicOnly = quicOnly
+	paths(t, func(t *testing.T, p path) {
+		e := p.start(t, svc, tunnel.Group{Name: "other", Hosts: []string{"other.example"}})
 		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			fmt.Fprintf(w, "svc member: host=%q hdr=%q", r.Host, r.Header.Values("Host"))
 		}))
@@ -285,8 +280,8 @@ func TestH2AuthorityVsHost(t *testing.T) {
 // The same over one HTTP/2 connection: each stream announces a body and
 // sends none; Go's HTTP/2 server lets a visitor open 250 at once.
 func TestStalledUploadsOverOneH2Connection(t *testing.T) {
-	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startUploadServer(t, quicOnly)
+	paths(t, func(t *testing.T, p path) {
+		e := startUploadServer(t, p)
 		addr := h2frontend(t, e)
 		h := dialH2(t, addr)
 		for i := range 250 {
@@ -306,9 +301,8 @@ func TestStalledUploadsOverOneH2Connection(t *testing.T) {
 
 // Rapid reset: many streams opened and reset at once; nothing may leak.
 func TestH2RapidReset(t *testing.T) {
-	paths(t, func(t *testing.T, quicOnly bool) {
-		e := startServer(t, svc)
-		e.quicOnly = quicOnly
+	paths(t, func(t *testing.T, p path) {
+		e := p.start(t, svc)
 		e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 			time.Sleep(50 * time.Millisecond)
 			io.WriteString(w, "ok")

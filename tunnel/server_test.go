@@ -56,11 +56,38 @@ func startServerData(t testing.TB, samePort bool, configure func(*tunnel.Server)
 	return &env{srv: ts.Server, addr: ts.Addr, dataAddr: ts.DataAddr, frontend: ts.Frontend, roots: ts.PKI.Pool, pki: ts.PKI}
 }
 
-// paths runs f once with members on data connections and once with
-// members on QUIC only.
-func paths(t *testing.T, f func(t *testing.T, quicOnly bool)) {
-	t.Run("data", func(t *testing.T) { f(t, false) })
-	t.Run("quic", func(t *testing.T) { f(t, true) })
+// path is the way the members of join and serve reach the server: over
+// data connections, or over QUIC only.
+type path struct{ quicOnly bool }
+
+// paths runs f as subtest "data" with members on data connections and as
+// subtest "quic" with members on QUIC only; servers started with p's
+// methods give their members that path.
+func paths(t *testing.T, f func(t *testing.T, p path)) {
+	for _, p := range []path{{quicOnly: false}, {quicOnly: true}} {
+		t.Run(p.String(), func(t *testing.T) { f(t, p) })
+	}
+}
+
+func (p path) String() string {
+	if p.quicOnly {
+		return "quic"
+	}
+	return "data"
+}
+
+// start is startServer for members on path p.
+func (p path) start(t testing.TB, defs ...tunnel.Group) *env {
+	t.Helper()
+	return p.startWith(t, func(*tunnel.Server) {}, defs...)
+}
+
+// startWith is startServerWith for members on path p.
+func (p path) startWith(t testing.TB, configure func(*tunnel.Server), defs ...tunnel.Group) *env {
+	t.Helper()
+	e := startServerWith(t, configure, defs...)
+	e.quicOnly = p.quicOnly
+	return e
 }
 
 func (e *env) clientTLS() *tls.Config {
