@@ -112,10 +112,14 @@ type Server struct {
 
 func (s *Server) logger() *slog.Logger {
 	if s.Logger == nil {
-		return slog.New(slog.DiscardHandler)
+		return discardLogger
 	}
 	return s.Logger
 }
+
+// discardLogger is the Logger of a Server without one. The frontend asks
+// for it on every request; a Logger is never modified, only derived from.
+var discardLogger = slog.New(slog.DiscardHandler)
 
 // SetGroups replaces the routing table with defs. Groups whose name stays
 // keep their members and in-flight requests; their hosts and authenticator
