@@ -11,7 +11,8 @@
 //     registration so that a rotated secret applies to the next one;
 //   - external: an HTTP endpoint decides (200 allows, 401/403 deny,
 //     anything else is an error), with a decision cache shared by all the
-//     groups built by one Factory.
+//     groups built by one Factory; credentials that cannot be sent as a
+//     header value are denied without a call.
 //
 // A scheme the group has no strategy for is denied; a group with no
 // strategy at all is open and admits everyone.

@@ -13,6 +13,7 @@ import (
 
 	"github.com/hashicorp/golang-lru/v2/expirable"
 	"github.com/prometheus/client_golang/prometheus"
+	"golang.org/x/net/http/httpguts"
 
 	"github.com/reverst-dev/reverst/groups"
 	"github.com/reverst-dev/reverst/protocol"
@@ -64,6 +65,14 @@ var errDenied = fmt.Errorf("%w: denied by the external endpoint", protocol.ErrUn
 
 func (e *external) check(ctx context.Context, presented, scheme, payload string) error {
 	f := e.f
+	// The client's credentials go out as a header value as they are: one
+	// that HTTP cannot carry (a control character) would fail the request
+	// before it is sent, as a server error the client retries, so deny it
+	// here.
+	if !httpguts.ValidHeaderFieldValue(presented) {
+		f.logger().DebugContext(ctx, "registration denied", "reason", "credentials not a valid header value")
+		return fmt.Errorf("%w (not a valid header value)", errBadCredential)
+	}
 	key := keyOf(e.endpoint, scheme, payload)
 	if d, ok := e.cached(key); ok {
 		f.metrics.cacheHit()

@@ -140,6 +140,35 @@ func TestExternalAnswers(t *testing.T) {
 	})
 }
 
+func TestExternalMalformedCredentials(t *testing.T) {
+	// Credentials that cannot be sent as an HTTP header value are the
+	// client's fault: denied without a call, not a server error that
+	// tells the client to retry (and counts as an endpoint failure).
+	reg := prometheus.NewRegistry()
+	s := newAuthServer(t, http.StatusOK)
+	a := newExternalAuth(t, &Factory{Registerer: reg}, s.URL)
+	for _, cred := range []string{"Bearer a\nb", "Bearer a\rb", "Bearer a\x00b", "Bearer a\x7fb"} {
+		expect(t, a, cred, deny)
+	}
+	if n := s.calls.Load(); n != 0 {
+		t.Fatalf("endpoint called %d times", n)
+	}
+	mfs, err := reg.Gather()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, mf := range mfs {
+		for _, m := range mf.GetMetric() {
+			if mf.GetName() == "reverst_auth_external_requests_total" && value(m) != 0 {
+				t.Fatalf("endpoint calls counted: %v", m)
+			}
+		}
+	}
+	// A tab and bytes beyond ASCII are valid in a header value: asked.
+	expect(t, a, "Bearer a\tb", allow)
+	expect(t, a, "Bearer \u00e9", allow)
+}
+
 func TestExternalSchemeAsPresented(t *testing.T) {
 	s := newAuthServer(t, http.StatusOK)
 	a, err := (&Factory{}).New(groups.Authentication{External: &groups.External{Scheme: "JWT", Endpoint: s.URL}})
