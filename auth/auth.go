@@ -9,8 +9,9 @@
 //   - bearer: a static token, given in the definition, as a hex SHA-256
 //     digest, or read from a file or Kubernetes Secret on every
 //     registration so that a rotated secret applies to the next one;
-//   - external: an HTTP endpoint decides (200 allows, 401/403 deny,
-//     anything else is an error), with a decision cache shared by all the
+//   - external: an HTTP endpoint decides (200 allows, another 2xx or a
+//     4xx denies; a 3xx, 408, 429 or 5xx, or no answer, is an error the
+//     client may retry), with a decision cache shared by all the
 //     groups built by one Factory; credentials that cannot be sent as a
 //     header value are denied without a call.
 //

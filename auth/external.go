@@ -146,8 +146,8 @@ func (e *external) remember(key cacheKey, d decision) {
 	}
 }
 
-// call asks the endpoint once and caches a decision. Any answer but 200,
-// 401 and 403 — redirects included — is an error and is not cached.
+// call asks the endpoint once and caches a decision; an error (see
+// decide) is not cached.
 func (e *external) call(ctx context.Context, key cacheKey, presented string) (decision, error) {
 	f := e.f
 	ctx, cancel := context.WithTimeout(ctx, f.timeout)
@@ -201,14 +201,26 @@ func (e *external) do(ctx context.Context, presented string) (decision, int, err
 	// Drain a little so the connection can be reused; the body is unused.
 	_, _ = io.CopyN(io.Discard, resp.Body, 4<<10)
 	_ = resp.Body.Close()
-	switch resp.StatusCode {
-	case http.StatusOK:
-		return decision{allow: true}, resp.StatusCode, nil
-	case http.StatusUnauthorized, http.StatusForbidden:
-		return decision{allow: false}, resp.StatusCode, nil
-	default:
+	if !decisive(resp.StatusCode) {
 		return decision{}, resp.StatusCode, fmt.Errorf("auth: external endpoint %s: unexpected status %d", e.safe, resp.StatusCode)
 	}
+	return decision{allow: resp.StatusCode == http.StatusOK}, resp.StatusCode, nil
+}
+
+// decisive reports whether the endpoint's status is a decision. The
+// protocol has 200 allow and anything else deny; but a status that says
+// the endpoint could not decide now (408, 429, 5xx) or is not where it was
+// configured (3xx, which is not followed) would tell a member with good
+// credentials to stop retrying, so those are errors: the member is asked
+// to retry and nothing is cached.
+func decisive(status int) bool {
+	switch {
+	case status == http.StatusRequestTimeout, status == http.StatusTooManyRequests:
+		return false
+	case status >= 200 && status < 300, status >= 400 && status < 500:
+		return true
+	}
+	return false
 }
 
 // unwrapURL drops the *url.Error wrapper, whose message repeats the full
