@@ -263,7 +263,9 @@ func WriteResponse(w io.Writer, resp *RegisterResponse) error {
 }
 
 // ReadRequest decodes one register request from r, reading at most
-// [MaxMessageSize] bytes. Every failure wraps [ErrBadRequest].
+// [MaxMessageSize] bytes and none past the request: what follows on the
+// stream (control messages) is left for the caller. Every failure wraps
+// [ErrBadRequest].
 func ReadRequest(r io.Reader) (*RegisterRequest, error) {
 	var wire struct {
 		Version     uint8
@@ -484,13 +486,54 @@ func skip(dec *msgpack.Decoder, depth int) error {
 }
 
 func decode(r io.Reader, fields ...field) error {
-	dec := msgpack.NewDecoder(io.LimitReader(r, MaxMessageSize))
+	dec := msgpack.NewDecoder(&unbufferedReader{r: io.LimitReader(r, MaxMessageSize)})
 	if err := decodeStruct(dec, fields...); err != nil {
 		if errors.Is(err, io.EOF) {
 			return io.ErrUnexpectedEOF
 		}
 		return err
 	}
+	return nil
+}
+
+// unbufferedReader is the io.ByteScanner msgpack wants, without a buffer:
+// msgpack wraps any other reader in a bufio.Reader, which reads ahead of
+// the message, and a register request may be followed on its stream by
+// control messages that the caller reads next.
+type unbufferedReader struct {
+	r      io.Reader
+	b      [1]byte
+	read   bool // b holds the last byte ReadByte returned
+	unread bool // and UnreadByte gave it back
+}
+
+func (u *unbufferedReader) Read(p []byte) (int, error) {
+	if len(p) > 0 && u.unread {
+		p[0], u.unread, u.read = u.b[0], false, false
+		return 1, nil
+	}
+	u.read = false
+	return u.r.Read(p)
+}
+
+func (u *unbufferedReader) ReadByte() (byte, error) {
+	if u.unread {
+		u.unread = false
+		return u.b[0], nil
+	}
+	u.read = false
+	if _, err := io.ReadFull(u.r, u.b[:]); err != nil {
+		return 0, err
+	}
+	u.read = true
+	return u.b[0], nil
+}
+
+func (u *unbufferedReader) UnreadByte() error {
+	if !u.read || u.unread {
+		return bufio.ErrInvalidUnreadByte
+	}
+	u.unread = true
 	return nil
 }
 

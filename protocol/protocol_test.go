@@ -271,3 +271,22 @@ func TestDataHello(t *testing.T) {
 		}
 	}
 }
+
+// A client may write control messages right behind its register request;
+// reading the request must leave them on the stream, which is no
+// io.ByteScanner (msgpack buffers, and so reads ahead of, any other
+// reader).
+func TestReadRequestLeavesWhatFollows(t *testing.T) {
+	var buf bytes.Buffer
+	_ = WriteRequest(&buf, &RegisterRequest{Version: 1, TunnelGroup: "g", Metadata: map[string]string{"k": "v"}})
+	_ = WriteControl(&buf, &ControlMessage{Type: ControlDrain})
+	stream := struct{ io.Reader }{&buf}
+	req, err := ReadRequest(stream)
+	if err != nil || req.TunnelGroup != "g" || req.Metadata["k"] != "v" {
+		t.Fatalf("ReadRequest = %+v, %v", req, err)
+	}
+	msg, err := NewControlReader(stream).Next()
+	if err != nil || msg.Type != ControlDrain {
+		t.Fatalf("the control message behind the request: %+v, %v", msg, err)
+	}
+}

@@ -1,6 +1,7 @@
 package tunnel_test
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -414,5 +415,42 @@ func TestRequestOnDeadMemberRetried(t *testing.T) {
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("request not answered")
+	}
+}
+
+// A drain written right behind the register request, before the answer
+// (a client told to stop while it registers), is a control message like
+// any other: it must not be swallowed with the request's bytes.
+func TestDrainRightAfterRequest(t *testing.T) {
+	e := startServer(t, tunnel.Group{Name: "g", Hosts: []string{"g.example"}})
+	conn := e.dialRaw(t)
+	str, err := conn.OpenStreamSync(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var msg bytes.Buffer
+	if err := protocol.WriteRequest(&msg, &protocol.RegisterRequest{Version: 1, TunnelGroup: "g"}); err != nil {
+		t.Fatal(err)
+	}
+	if err := protocol.WriteControl(&msg, &protocol.ControlMessage{Type: protocol.ControlDrain}); err != nil {
+		t.Fatal(err)
+	}
+	// One write: request and drain arrive together.
+	if _, err := str.Write(msg.Bytes()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := protocol.ReadResponse(str); err != nil {
+		t.Fatal(err)
+	}
+	e.waitMembers(t, "g", func(n int) bool { return n == 1 })
+	deadline := time.Now().Add(2 * time.Second)
+	for !draining(e.srv) {
+		if time.Now().After(deadline) {
+			t.Fatalf("the drain sent with the request was lost: %+v", e.srv.Status())
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+	if code, _ := e.get(t, "g.example", "/"); code != http.StatusServiceUnavailable {
+		t.Fatalf("request to a group whose only member drains: %d, want 503", code)
 	}
 }
