@@ -166,6 +166,28 @@ func TestAbsoluteFormHostMatchesRouting(t *testing.T) {
 	})
 }
 
+// The same for a trusted X-Forwarded-Host, which routes in place of the
+// Host: one that is no valid host, which routing would map ("ｓvc.example"
+// to "svc.example") but the member would see as another host, is refused.
+func TestForwardedHostMatchesRouting(t *testing.T) {
+	e := startServerWith(t, func(s *tunnel.Server) { s.TrustForwardedHeaders = true }, svc)
+	e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		fmt.Fprintf(w, "host=%s xfh=%s", r.Host, r.Header.Get("X-Forwarded-Host"))
+	}))
+	for _, xfh := range []string{"\uff53vc.example", "\uff53vc.example, svc.example"} {
+		c := e.dialFrontend(t)
+		io.WriteString(c, "GET / HTTP/1.1\r\nHost: proxy.example\r\nX-Forwarded-Host: "+xfh+"\r\n\r\n")
+		res, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, _ := io.ReadAll(res.Body)
+		if res.StatusCode != http.StatusBadRequest {
+			t.Errorf("X-Forwarded-Host %q: got %d %q, want 400", xfh, res.StatusCode, b)
+		}
+	}
+}
+
 // h2conn opens a raw HTTP/2 connection to an h2 frontend of e.
 func h2frontend(t *testing.T, e *env) string {
 	h2 := httptest.NewUnstartedServer(e.srv)

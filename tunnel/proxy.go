@@ -62,14 +62,17 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.Metrics.request(group, status, d)
 		s.logRequest(r, group, status, d)
 	}()
-	if !httpguts.ValidHostHeader(r.Host) {
+	host := s.routingHost(r)
+	if !httpguts.ValidHostHeader(r.Host) || host != r.Host && !httpguts.ValidHostHeader(host) {
 		// An absolute-form target is not checked by net/http as a Host
-		// header is.
+		// header is, nor is X-Forwarded-Host. NormalizeHost would map a
+		// non-ASCII one onto a configured host ("ｓvc.example" to
+		// "svc.example") that the member does not see.
 		status = http.StatusBadRequest
 		textError(w, "reverst: invalid host\n", status)
 		return
 	}
-	g := s.table.Load().lookupHost(groups.NormalizeHost(s.routingHost(r)))
+	g := s.table.Load().lookupHost(groups.NormalizeHost(host))
 	if g == nil {
 		status = http.StatusBadGateway
 		textError(w, bodyUnknownHost, status)
@@ -111,7 +114,7 @@ func (s *Server) routingHost(r *http.Request) string {
 		if v := r.Header.Get("X-Forwarded-Host"); v != "" {
 			// A chain of proxies appends; the first is the visitor's.
 			first, _, _ := strings.Cut(v, ",")
-			return first
+			return strings.TrimSpace(first)
 		}
 	}
 	return r.Host
