@@ -248,7 +248,9 @@ func (c *Config) Validate() error {
 			switch {
 			case norm == "":
 				fail(field, "must not be empty")
-			case strings.ContainsAny(norm, "/ \t@") || (strings.Contains(norm, "*") && !isWildcard(norm)):
+			// The raw value too: NormalizeHost drops what follows the
+			// last colon as a port, and "http://x" would read as "http".
+			case strings.ContainsAny(strings.TrimSpace(h), "/ \t@") || strings.ContainsAny(norm, "/ \t@") || (strings.Contains(norm, "*") && !isWildcard(norm)):
 				fail(field, "%q is not a host name (a wildcard is \"*.\" followed by a domain)", h)
 			case seen && prev == name:
 				fail(field, "host %q is listed twice", h)

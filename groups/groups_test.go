@@ -64,6 +64,11 @@ func TestParseErrorsNameGroupAndField(t *testing.T) {
 		{"unknown field", `groups: {a: {hosts: [a], authentication: {basci: {}}}}`, []string{"basci"}},
 		{"bad wildcard", `groups: {a: {hosts: ["a.*.example"]}}`, []string{"hosts[0]", "wildcard"}},
 		{"bare star", `groups: {a: {hosts: ["*"]}}`, []string{"hosts[0]"}},
+		// A URL is no host: without the check its scheme would read as
+		// the host ("http") and its host as a port.
+		{"url as host", `groups: {a: {hosts: ["http://a.example"]}}`, []string{`group "a"`, "hosts[0]", "not a host name"}},
+		{"url with port as host", `groups: {a: {hosts: ["https://a.example:443/"]}}`, []string{"hosts[0]", "not a host name"}},
+		{"path after port", `groups: {a: {hosts: ["a.example:80/x"]}}`, []string{"hosts[0]", "not a host name"}},
 		{"same host in unicode and punycode", `groups: {a: {hosts: ["bücher.example"]}, b: {hosts: ["xn--bcher-kva.example"]}}`, []string{`group "b"`, "already routed"}},
 		{"same wildcard in unicode and punycode", `groups: {a: {hosts: ["*.bücher.example"]}, b: {hosts: ["*.xn--bcher-kva.example"]}}`, []string{`group "b"`, "already routed"}},
 		// A strategy left without a value (its fields commented out)
