@@ -370,7 +370,7 @@ reverst_group_members{group="svc"} 1
 # TYPE reverst_proxied_requests_total counter
 reverst_proxied_requests_total{code="2xx",group="svc"} 3
 reverst_proxied_requests_total{code="5xx",group=""} 1
-# HELP reverst_registrations_total Tunnel registrations by group and result (ok, unauthorized, not_found, bad_request, error).
+# HELP reverst_registrations_total Tunnel registrations by group and result (ok, unauthorized, not_found, bad_request, timeout, rate_limited, error).
 # TYPE reverst_registrations_total counter
 reverst_registrations_total{group="",result="not_found"} 1
 reverst_registrations_total{group="svc",result="ok"} 1

@@ -24,7 +24,7 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	m := &Metrics{
 		registrations: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: "reverst", Name: "registrations_total",
-			Help: "Tunnel registrations by group and result (ok, unauthorized, not_found, bad_request, error).",
+			Help: "Tunnel registrations by group and result (ok, unauthorized, not_found, bad_request, timeout, rate_limited, error).",
 		}, []string{"group", "result"}),
 		members: prometheus.NewGaugeVec(prometheus.GaugeOpts{
 			Namespace: "reverst", Name: "group_members",

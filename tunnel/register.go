@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"log/slog"
+	"os"
 	"time"
 
 	"github.com/quic-go/quic-go"
@@ -61,13 +62,19 @@ func (s *Server) register(conn *quic.Conn) (*group, *member, *quic.Stream, *prot
 
 	stream, err := conn.AcceptStream(ctx)
 	if err != nil {
-		return nil, nil, nil, nil, errors.Join(protocol.ErrBadRequest, errTimeout, err)
+		if ctx.Err() != nil {
+			err = errors.Join(errTimeout, err)
+		}
+		return nil, nil, nil, nil, errors.Join(protocol.ErrBadRequest, err)
 	}
 	deadline, _ := ctx.Deadline()
 	_ = stream.SetDeadline(deadline)
 	req, err := protocol.ReadRequest(stream)
 	if err != nil {
 		stream.CancelRead(0)
+		if errors.Is(err, os.ErrDeadlineExceeded) || ctx.Err() != nil {
+			err = errors.Join(errTimeout, err)
+		}
 		return nil, nil, nil, nil, err
 	}
 
@@ -195,6 +202,11 @@ var errTimeout = errors.New("no register request in time")
 // of the protocol, and to the metric result.
 func closeFor(err error) (quic.ApplicationErrorCode, string, string) {
 	switch {
+	case errors.Is(err, errTimeout):
+		// Slow is not malformed: a client on a stalled or lossy network
+		// takes "bad request" as final, and the server error code lets it
+		// retry (after its backoff, and within the registration rate).
+		return protocol.CodeServerError, "register request timed out", "timeout"
 	case errors.Is(err, protocol.ErrBadRequest):
 		return protocol.CodeClientError, protocol.ReasonBadRequest, "bad_request"
 	case errors.Is(err, protocol.ErrNotFound):

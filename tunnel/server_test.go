@@ -240,9 +240,33 @@ func TestSilentClientIsClosed(t *testing.T) {
 	if d := time.Since(start); d > 300*time.Millisecond {
 		t.Fatalf("second registration took %s behind a silent client", d)
 	}
+	// Too slow is not malformed: the code lets a client on a stalled
+	// network retry.
 	appErr := waitClosed(t, silent, 3*time.Second)
-	if appErr.ErrorCode != protocol.CodeClientError {
+	if appErr.ErrorCode != protocol.CodeServerError {
 		t.Fatalf("silent client closed with %#x %q", appErr.ErrorCode, appErr.ErrorMessage)
+	}
+}
+
+func TestStalledRequestMayRetry(t *testing.T) {
+	// A request that stops halfway, as on a network that stalls, is closed
+	// with the code a client retries, not as a bad request.
+	e := startServer(t, tunnel.Group{Name: "g", Hosts: []string{"g.example"}})
+	conn := e.dialRaw(t)
+	str, err := conn.OpenStreamSync(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	var req bytes.Buffer
+	if err := protocol.WriteRequest(&req, &protocol.RegisterRequest{Version: 1, TunnelGroup: "g"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := str.Write(req.Bytes()[:req.Len()/2]); err != nil {
+		t.Fatal(err)
+	}
+	appErr := waitClosed(t, conn, 3*time.Second)
+	if appErr.ErrorCode != protocol.CodeServerError || appErr.ErrorMessage != "register request timed out" {
+		t.Fatalf("stalled client closed with %#x %q", appErr.ErrorCode, appErr.ErrorMessage)
 	}
 }
 
