@@ -145,6 +145,12 @@ func (g *group) retire() []*member {
 
 func (g *group) size() int { return len(*g.members.Load()) }
 
+func (g *group) isRemoved() bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return g.removed
+}
+
 // pick chooses the live member with the fewest requests in flight, skipping
 // except. Small groups are scanned whole (see leastLoaded); large ones use
 // the power of two choices, which is nearly as good and constant time.

@@ -2,6 +2,7 @@ package tunnel
 
 import (
 	"strconv"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -17,6 +18,9 @@ type Metrics struct {
 	requests      *prometheus.CounterVec
 	latency       *prometheus.HistogramVec
 	dataConns     *prometheus.CounterVec
+
+	// membersMu orders the member gauge's updates; see setMembers.
+	membersMu sync.Mutex
 }
 
 // NewMetrics creates the metrics and registers them with reg.
@@ -57,18 +61,29 @@ func (m *Metrics) registration(group, result string) {
 	m.registrations.WithLabelValues(group, result).Inc()
 }
 
-func (m *Metrics) setMembers(group string, n int) {
+// setMembers sets g's member gauge to its size. Joins and leaves race to
+// get here; reading the size under one lock makes the last update read
+// the last size, and a group removed meanwhile keeps its series deleted.
+func (m *Metrics) setMembers(g *group) {
 	if m == nil {
 		return
 	}
-	m.members.WithLabelValues(group).Set(float64(n))
+	m.membersMu.Lock()
+	defer m.membersMu.Unlock()
+	if g.isRemoved() {
+		return
+	}
+	m.members.WithLabelValues(g.name).Set(float64(g.size()))
 }
 
-func (m *Metrics) groupRemoved(group string) {
+// groupRemoved deletes the member gauge of g, which retire marked removed.
+func (m *Metrics) groupRemoved(g *group) {
 	if m == nil {
 		return
 	}
-	m.members.DeleteLabelValues(group)
+	m.membersMu.Lock()
+	defer m.membersMu.Unlock()
+	m.members.DeleteLabelValues(g.name)
 }
 
 func (m *Metrics) request(group string, status int, d time.Duration) {

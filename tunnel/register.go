@@ -33,7 +33,7 @@ func (s *Server) handle(conn *quic.Conn) {
 
 	defer s.dropData(m)
 	s.Metrics.registration(g.name, "ok")
-	s.Metrics.setMembers(g.name, g.size())
+	s.Metrics.setMembers(g)
 	log.Info("member registered", "group", g.name, "members", g.size())
 	go s.control(stream, m, log.With("group", g.name))
 	go func() {
@@ -47,7 +47,7 @@ func (s *Server) handle(conn *quic.Conn) {
 
 	s.watch(conn, keepAlive(req.Metadata[protocol.MetadataKeepAlive]))
 	if g.remove(m) {
-		s.Metrics.setMembers(g.name, g.size())
+		s.Metrics.setMembers(g)
 	}
 	log.Info("member left", "group", g.name, "members", g.size(), "cause", context.Cause(conn.Context()))
 }

@@ -169,14 +169,14 @@ func (s *Server) SetGroups(defs []Group) error {
 			}
 			members := g.retire()
 			s.logger().Info("tunnel group removed", "group", name, "members", len(members))
-			s.Metrics.groupRemoved(name)
+			s.Metrics.groupRemoved(g)
 			for _, m := range members {
 				_ = m.conn.CloseWithError(protocol.CodeOK, "tunnel group removed")
 			}
 		}
 	}
-	for name, g := range next.byName {
-		s.Metrics.setMembers(name, g.size())
+	for _, g := range next.byName {
+		s.Metrics.setMembers(g)
 	}
 	return nil
 }
