@@ -102,7 +102,16 @@ func (rs *replicaSet) run(ctx, dialCtx context.Context) error {
 			}
 			delay := rs.s.resolveInterval()
 			if err != nil {
-				delay = backoff(rs.s.minBackoff(), delay, failures)
+				limit := delay
+				if len(rs.current) == 0 {
+					// Nothing to dial, so no failing connection asks for
+					// an early lookup: the lookup is the connection
+					// attempt, and backs off like one, so that the tunnel
+					// is up within about MaxBackoff of the name resolving
+					// (replicas becoming ready), not ResolveInterval.
+					limit = min(limit, rs.s.maxBackoff())
+				}
+				delay = backoff(rs.s.minBackoff(), limit, failures)
 				failures++
 				level := slog.LevelDebug
 				if msg := err.Error(); msg != lastErr {

@@ -200,6 +200,30 @@ func TestResolutionFailureIsRetried(t *testing.T) {
 	mustServe(t, servers[1].member(t))
 }
 
+// A name that does not resolve yet when DialAndServe starts (a headless
+// Service whose replicas are not ready) leaves nothing to dial but the
+// name: looking it up is the connection attempt, and the tunnel is up
+// within about MaxBackoff of the name resolving, not ResolveInterval.
+func TestNameResolvingLateIsJoinedWithinMaxBackoff(t *testing.T) {
+	ts := newTunnelServer(t)
+	_, port, _ := net.SplitHostPort(ts.addr)
+	res := &testResolver{}
+	res.set() // no records yet
+	srv, rec := replicaClient(ts, res)
+	srv.MinBackoff, srv.MaxBackoff = 10*time.Millisecond, 100*time.Millisecond
+	srv.ResolveInterval = time.Hour
+	serve(t, srv, net.JoinHostPort(testSNI, port))
+
+	// Long enough for a backoff capped by ResolveInterval to reach seconds.
+	rec.waitFor(t, "attempt=9")
+	res.set("127.0.0.1")
+	resolved := time.Now()
+	mustServe(t, ts.member(t))
+	if took := time.Since(resolved); took > time.Second {
+		t.Errorf("registered %v after the name resolved, want within about MaxBackoff (100ms)", took)
+	}
+}
+
 func TestFailedConnectionResolvesAgain(t *testing.T) {
 	servers, addr := replicas(t)
 	res := &testResolver{}
