@@ -220,13 +220,15 @@ type ConnectionInfo struct {
 // address it resolves to, as a Kubernetes headless Service returns one
 // address per server replica, so that whichever replica receives a
 // visitor's request has a connection to send it on. Each address has its
-// own connection and reconnect loop. The name is resolved again every
-// ResolveInterval, and sooner (at most once a second) after a connection
-// fails; a connection to an address that no longer resolves is drained
-// like on Shutdown (closed after at most 30s), and a new address is
-// joined. When the name resolves to IPv4 and IPv6 addresses, only the IPv4
-// ones are used, as a dialer would pick. Every connection verifies the
-// server as host, not as the address. An IP literal host is dialled as is.
+// own connection and reconnect loop. Until the name first resolves, it is
+// looked up again with the backoff of a connection attempt. Then it is
+// resolved again every ResolveInterval, and sooner (at most once a
+// second) after a connection fails; a connection to an address that no
+// longer resolves is drained like on Shutdown (closed after at most 30s),
+// and a new address is joined. When the name resolves to IPv4 and IPv6
+// addresses, only the IPv4 ones are used, as a dialer would pick. Every
+// connection verifies the server as host, not as the address. An IP
+// literal host is dialled as is.
 //
 // It always returns a non-nil error. After Shutdown or Close, or when ctx
 // is done, the error matches [ErrServerClosed] (and, for ctx, also the
@@ -464,19 +466,31 @@ func (s *Server) newRequest(ctx context.Context) (*protocol.RegisterRequest, err
 // register runs the register exchange on the first stream of conn, and
 // returns that stream for control messages.
 func (s *Server) register(ctx context.Context, conn *quic.Conn, req *protocol.RegisterRequest) (*quic.Stream, *protocol.RegisterResponse, error) {
-	ctx, cancel := context.WithTimeout(ctx, s.registerTimeout())
+	timeout := s.registerTimeout()
+	ctx, cancel := context.WithTimeoutCause(ctx, timeout, fmt.Errorf("no register response within %v: %w", timeout, context.DeadlineExceeded))
 	defer cancel()
 	// Closing the connection is the one way to interrupt every blocking
 	// step below at once, including the response read.
 	stop := context.AfterFunc(ctx, func() { _ = conn.CloseWithError(protocol.CodeOK, reasonClosed) })
 	defer stop()
+	fail := func(err error) error {
+		err = closeError(conn, err)
+		var appErr *quic.ApplicationError
+		if ctx.Err() != nil && !(errors.As(err, &appErr) && appErr.Remote) {
+			// ctx (or our close above) ended the step, unless the server
+			// closed first: the operator needs to know why (a server that
+			// never answered), not that the client closed.
+			return context.Cause(ctx)
+		}
+		return err
+	}
 
 	stream, err := conn.OpenStreamSync(ctx)
 	if err != nil {
-		return nil, nil, closeError(conn, err)
+		return nil, nil, fail(err)
 	}
 	if err := protocol.WriteRequest(stream, req); err != nil {
-		return nil, nil, closeError(conn, err)
+		return nil, nil, fail(err)
 	}
 	resp, err := protocol.ReadResponse(stream)
 	if err != nil {
@@ -484,7 +498,7 @@ func (s *Server) register(ctx context.Context, conn *quic.Conn, req *protocol.Re
 			// A legacy refusal code in a decoded response.
 			return nil, nil, err
 		}
-		return nil, nil, closeError(conn, err)
+		return nil, nil, fail(err)
 	}
 	// Our side of the stream stays open for control messages (drain).
 	_ = stream.SetDeadline(time.Time{})
@@ -660,6 +674,11 @@ func (s *Server) tlsConfig(addr string) (*tls.Config, error) {
 	host, _, err := net.SplitHostPort(addr)
 	if err != nil {
 		return nil, fmt.Errorf("client: tunnel address %q: %w", addr, err)
+	}
+	if host == "" {
+		// Fine for a listener, but there is nothing to resolve or verify
+		// here: every attempt would fail, for ever.
+		return nil, fmt.Errorf("client: tunnel address %q: missing host", addr)
 	}
 	conf := &tls.Config{}
 	if s.TLSConfig != nil {

@@ -14,6 +14,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -198,10 +199,15 @@ func TestInvalidSettingsFailAtOnce(t *testing.T) {
 	}{
 		"empty group":     {"", "127.0.0.1:1", client.ErrBadRequest},
 		"address no port": {testGroup, "127.0.0.1", nil},
+		"address no host": {testGroup, ":7171", nil},
 	} {
 		t.Run(name, func(t *testing.T) {
 			srv := &client.Server{TunnelGroup: tt.group}
-			err := srv.DialAndServe(t.Context(), tt.addr)
+			// Bounded: a setting that is retried instead would block until
+			// the test's deadline.
+			ctx, cancel := context.WithTimeout(t.Context(), quickTimeout)
+			defer cancel()
+			err := srv.DialAndServe(ctx, tt.addr)
 			if err == nil || (tt.want != nil && !errors.Is(err, tt.want)) || errors.Is(err, client.ErrServerClosed) {
 				t.Errorf("DialAndServe = %v, want a settings error (%v)", err, tt.want)
 			}
@@ -224,6 +230,24 @@ func TestRetryNotFound(t *testing.T) {
 	}
 	if n := ts.attempts.Load(); n < 2 {
 		t.Errorf("register requests = %d, want a retry", n)
+	}
+}
+
+// A server that never answers the register request is reported as such,
+// and retried: the failure names the timeout that ended the attempt, not
+// the close the client used to interrupt it.
+func TestRegisterTimeoutIsReported(t *testing.T) {
+	ts := newTunnelServer(t)
+	answer := make(chan struct{})
+	t.Cleanup(func() { close(answer) })
+	ts.setVerdict(func(*protocol.RegisterRequest) error { <-answer; return nil })
+	srv, rec := newClient(ts)
+	srv.RegisterTimeout = 100 * time.Millisecond
+	serve(t, srv, ts.addr)
+
+	line := rec.waitFor(t, "retrying")
+	if !strings.Contains(line, "no register response within 100ms") || !strings.Contains(line, context.DeadlineExceeded.Error()) {
+		t.Errorf("failure logged as %q, want the register timeout", line)
 	}
 }
 

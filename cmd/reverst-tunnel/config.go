@@ -107,8 +107,11 @@ func (c *config) validate(args []string, name func(long string) string) error {
 	if c.Group == "" {
 		errs = append(errs, fmt.Errorf("missing the tunnel group: -g/%s", name("group")))
 	}
-	if _, port, err := net.SplitHostPort(c.TunnelAddress); err != nil {
+	if host, port, err := net.SplitHostPort(c.TunnelAddress); err != nil {
 		errs = append(errs, fmt.Errorf("%s %q: %w", name("tunnel-address"), c.TunnelAddress, err))
+	} else if host == "" {
+		// ":7171" as the server listens: the client needs a host to dial.
+		errs = append(errs, fmt.Errorf("%s %q: missing host", name("tunnel-address"), c.TunnelAddress))
 	} else if _, err := net.LookupPort("udp", port); err != nil {
 		errs = append(errs, fmt.Errorf("%s %q: %w", name("tunnel-address"), c.TunnelAddress, err))
 	}

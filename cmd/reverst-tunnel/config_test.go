@@ -59,6 +59,7 @@ func TestParseConfig(t *testing.T) {
 		{name: "bad scheme", args: []string{"-g", "g", "http", "ftp://x:21"}, wantErr: "scheme must be http or https"},
 		{name: "no host", args: []string{"-g", "g", "http", "http://:80"}, wantErr: "no host"},
 		{name: "address without port", args: []string{"-g", "g", "-a", "tunnel.example", "http", "80"}, wantErr: "--tunnel-address"},
+		{name: "address without host", args: []string{"-g", "g", "-a", ":7171", "http", "80"}, wantErr: "--tunnel-address (REVERST_TUNNEL_ADDRESS) \":7171\": missing host"},
 		{name: "address port out of range", args: []string{"-g", "g", "http", "80"}, env: map[string]string{"REVERST_TUNNEL_ADDRESS": "127.0.0.1:99999"}, wantErr: "--tunnel-address (REVERST_TUNNEL_ADDRESS)"},
 		{name: "target port out of range", args: []string{"-g", "g", "http", "99999"}, wantErr: `target "http://localhost:99999": address 99999: invalid port`},
 		{name: "ca and insecure", args: []string{"-g", "g", "--ca", "x.pem", "--insecure", "http", "80"}, wantErr: "exclude each other"},
