@@ -14,9 +14,12 @@ const authorizationKey = "Authorization"
 // An Authenticator adds credentials to a register request before it is
 // sent. Authenticate is called once per connection attempt, before the
 // connection is dialled, so it may return fresh credentials each time (a
-// rotated token, a new JWT) and take its time getting them: the server's
-// registration timeout starts later. The request's Metadata map is non-nil
-// when Authenticate is called.
+// rotated token, a new JWT) and take its time getting them, up to the
+// Server's RegisterTimeout (ctx's deadline): the server's registration
+// timeout starts later. When the tunnel name resolves to several server
+// replicas, each address has its own attempts, so Authenticate may be
+// called concurrently. The request's Metadata map is non-nil when
+// Authenticate is called.
 //
 // An error from Authenticate aborts that attempt; DialAndServe retries it
 // with backoff unless the error matches [ErrUnauthorized] or

@@ -134,7 +134,9 @@ type Server struct {
 
 	// OnConnectionReady, if set, is called after each successful
 	// registration, before the first request is served on the connection.
-	// It is called synchronously and should return quickly.
+	// It is called synchronously and should return quickly; with several
+	// server replicas (see DialAndServe), concurrently for their
+	// connections.
 	OnConnectionReady func(ConnectionInfo)
 
 	// MinBackoff and MaxBackoff bound the delay between connection
@@ -146,8 +148,9 @@ type Server struct {
 	MinBackoff time.Duration
 	MaxBackoff time.Duration
 
-	// RegisterTimeout bounds the register exchange after the QUIC
-	// handshake. Zero means DefaultRegisterTimeout.
+	// RegisterTimeout bounds the Authenticator's call, and the register
+	// exchange after the QUIC handshake. Zero means
+	// DefaultRegisterTimeout.
 	RegisterTimeout time.Duration
 
 	// Transport, if set, carries every connection over its one UDP socket,
