@@ -62,6 +62,7 @@ type suite struct {
 	pool *dockertest.Pool
 	root string
 	ca   *x509.CertPool
+	ci   bool // CI is set: what is missing fails rather than skips
 }
 
 func TestContainer(t *testing.T) {
@@ -70,6 +71,7 @@ func TestContainer(t *testing.T) {
 	t.Run("missing required env var", s.testMissingEnv)
 	t.Run("serving", s.testServing)
 	t.Run("docker stop drains", s.testStop)
+	t.Run("compose.yaml", s.testCompose)
 }
 
 // newSuite connects to the engine and builds the image once.
@@ -117,7 +119,7 @@ func newSuite(t *testing.T) *suite {
 	if !ca.AppendCertsFromPEM(pem) {
 		t.Fatal("examples/simple/server.crt holds no certificate")
 	}
-	return &suite{pool: pool, root: root, ca: ca}
+	return &suite{pool: pool, root: root, ca: ca, ci: ci}
 }
 
 // goImage is the Go builder image the Dockerfile names by default.
