@@ -137,6 +137,18 @@ func (e *env) dialRaw(t testing.TB) *quic.Conn {
 	return conn
 }
 
+// rawStream dials the server as a hand-made client and opens its register
+// stream, for the test to write on it what it likes.
+func (e *env) rawStream(t testing.TB) (*quic.Conn, *quic.Stream) {
+	t.Helper()
+	conn := e.dialRaw(t)
+	str, err := conn.OpenStreamSync(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return conn, str
+}
+
 // waitClosed waits for conn to be closed by the server and returns the
 // application error it was closed with.
 func waitClosed(t testing.TB, conn *quic.Conn, within time.Duration) *quic.ApplicationError {
@@ -171,11 +183,7 @@ func TestGroupWithoutMemberIs503(t *testing.T) {
 
 func TestGarbageRegistrationIsBadRequest(t *testing.T) {
 	e := startServer(t, tunnel.Group{Name: "g", Hosts: []string{"g.example"}})
-	conn := e.dialRaw(t)
-	str, err := conn.OpenStreamSync(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
+	conn, str := e.rawStream(t)
 	if _, err := str.Write([]byte("GET / HTTP/1.1\r\n\r\n")); err != nil {
 		t.Fatal(err)
 	}
@@ -191,11 +199,7 @@ func TestGarbageRegistrationIsBadRequest(t *testing.T) {
 
 func TestUnsupportedVersionIsBadRequest(t *testing.T) {
 	e := startServer(t, tunnel.Group{Name: "g", Hosts: []string{"g.example"}})
-	conn := e.dialRaw(t)
-	str, err := conn.OpenStreamSync(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
+	conn, str := e.rawStream(t)
 	if err := protocol.WriteRequest(str, &protocol.RegisterRequest{Version: 9, TunnelGroup: "g"}); err != nil {
 		t.Fatal(err)
 	}
@@ -207,11 +211,7 @@ func TestUnsupportedVersionIsBadRequest(t *testing.T) {
 
 func TestUnknownGroupIsNotFound(t *testing.T) {
 	e := startServer(t, tunnel.Group{Name: "g", Hosts: []string{"g.example"}})
-	conn := e.dialRaw(t)
-	str, err := conn.OpenStreamSync(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
+	conn, str := e.rawStream(t)
 	if err := protocol.WriteRequest(str, &protocol.RegisterRequest{Version: 1, TunnelGroup: "nope"}); err != nil {
 		t.Fatal(err)
 	}
@@ -226,11 +226,7 @@ func TestSilentClientIsClosed(t *testing.T) {
 	silent := e.dialRaw(t)
 	start := time.Now()
 	// Another registration goes through while the silent one waits.
-	conn := e.dialRaw(t)
-	str, err := conn.OpenStreamSync(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, str := e.rawStream(t)
 	if err := protocol.WriteRequest(str, &protocol.RegisterRequest{Version: 1, TunnelGroup: "g"}); err != nil {
 		t.Fatal(err)
 	}
@@ -252,11 +248,7 @@ func TestStalledRequestMayRetry(t *testing.T) {
 	// A request that stops halfway, as on a network that stalls, is closed
 	// with the code a client retries, not as a bad request.
 	e := startServer(t, tunnel.Group{Name: "g", Hosts: []string{"g.example"}})
-	conn := e.dialRaw(t)
-	str, err := conn.OpenStreamSync(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
+	conn, str := e.rawStream(t)
 	var req bytes.Buffer
 	if err := protocol.WriteRequest(&req, &protocol.RegisterRequest{Version: 1, TunnelGroup: "g"}); err != nil {
 		t.Fatal(err)
@@ -447,11 +439,7 @@ func TestRequestOnDeadMemberRetried(t *testing.T) {
 // any other: it must not be swallowed with the request's bytes.
 func TestDrainRightAfterRequest(t *testing.T) {
 	e := startServer(t, tunnel.Group{Name: "g", Hosts: []string{"g.example"}})
-	conn := e.dialRaw(t)
-	str, err := conn.OpenStreamSync(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, str := e.rawStream(t)
 	var msg bytes.Buffer
 	if err := protocol.WriteRequest(&msg, &protocol.RegisterRequest{Version: 1, TunnelGroup: "g"}); err != nil {
 		t.Fatal(err)

@@ -93,11 +93,7 @@ func TestWebSocketEcho(t *testing.T) {
 // extension: its plain requests work, and an upgrade is a clean 502.
 func TestUpgradeToOlderClient(t *testing.T) {
 	e := startServer(t, tunnel.Group{Name: "old", Hosts: []string{"127.0.0.1"}})
-	conn := e.dialRaw(t)
-	str, err := conn.OpenStreamSync(context.Background())
-	if err != nil {
-		t.Fatal(err)
-	}
+	conn, str := e.rawStream(t)
 	if err := protocol.WriteRequest(str, &protocol.RegisterRequest{Version: 1, TunnelGroup: "old"}); err != nil {
 		t.Fatal(err)
 	}
@@ -118,7 +114,7 @@ func TestUpgradeToOlderClient(t *testing.T) {
 		t.Fatalf("plain request: %d %q", code, body)
 	}
 	url := strings.Replace(e.frontend, "http://", "ws://", 1) + "/"
-	_, err = websocket.Dial(url, "", e.frontend)
+	_, err := websocket.Dial(url, "", e.frontend)
 	if err == nil || !strings.Contains(err.Error(), "bad status") {
 		t.Fatalf("websocket to an older client: %v, want a bad status", err)
 	}
