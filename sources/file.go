@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
 	"path/filepath"
 	"time"
 
@@ -83,31 +84,32 @@ func (f *file) watchDir(ctx context.Context, apply func(*groups.Config) error, o
 	}
 	ok()
 	// The file may be a symlink to a file in another directory, whose
-	// in-place edits show only there: watch that directory too, and
-	// follow the link before every read, as it may have been re-pointed.
+	// in-place edits show only there, and a directory on its path may be
+	// a symlink re-pointed by a swap in the directory holding it: watch
+	// those directories too, and follow the links again before every
+	// read, as they may have been re-pointed.
 	realDir, err := filepath.EvalSymlinks(f.dir)
 	if err != nil {
 		realDir = f.dir
 	}
-	var target string // the other directory watched, if any
+	watched := map[string]bool{} // the other directories watched
 	follow := func() {
-		want := ""
-		if p, err := filepath.EvalSymlinks(f.path); err == nil && filepath.Dir(p) != realDir {
-			want = filepath.Dir(p)
-		}
-		if want == target {
-			return
-		}
-		if target != "" {
-			_ = w.Remove(target) // gone already when the directory was removed
-		}
-		target = ""
-		if want != "" {
-			if err := w.Add(want); err != nil {
-				f.r.log.Warn("cannot watch the directory the groups file links to; its in-place edits may be missed", "directory", want, "error", err)
-				return
+		want := f.linkDirs(realDir)
+		for d := range watched {
+			if !want[d] {
+				_ = w.Remove(d) // gone already when the directory was removed
+				delete(watched, d)
 			}
-			target = want
+		}
+		for d := range want {
+			if watched[d] {
+				continue
+			}
+			if err := w.Add(d); err != nil {
+				f.r.log.Warn("cannot watch a directory the groups file's path runs through; its changes may be missed", "directory", d, "error", err)
+				continue
+			}
+			watched[d] = true
 		}
 	}
 	// Read once the watch is in place, so that no change slips between
@@ -145,12 +147,12 @@ func (f *file) watchDir(ctx context.Context, apply func(*groups.Config) error, o
 			if ev.Name == f.dir && ev.Has(fsnotify.Remove|fsnotify.Rename) {
 				return errDirGone
 			}
-			if target != "" && ev.Name == target && ev.Has(fsnotify.Remove|fsnotify.Rename) {
+			if watched[ev.Name] && ev.Has(fsnotify.Remove|fsnotify.Rename) {
 				// Its watch went with it: a directory put in its place
 				// under the same name needs one of its own, which follow
-				// adds only for a target it does not watch yet.
-				_ = w.Remove(target) // gone already when it was removed
-				target = ""
+				// adds only for a directory it does not watch yet.
+				_ = w.Remove(ev.Name) // gone already when it was removed
+				delete(watched, ev.Name)
 			}
 			// Any change in the directory may be ours (a symlink chain
 			// can run through other names in it); reading is cheap and
@@ -172,6 +174,32 @@ func (f *file) watchDir(ctx context.Context, apply func(*groups.Config) error, o
 			f.read(apply)
 		}
 	}
+}
+
+// linkDirs returns the directories besides the one watched (realDir, as
+// resolved) where a change may change what the path reads: the directory
+// the file links into, and the directory holding each symlink among the
+// path's directories, where re-pointing it shows (ln -sfn, as deployment
+// tools switch a "current" release, keeping the old one, whose directory
+// sees nothing).
+func (f *file) linkDirs(realDir string) map[string]bool {
+	dirs := map[string]bool{}
+	// By their resolved names, so that no directory is watched twice
+	// under two names (they would share one inotify watch).
+	add := func(d string) {
+		if r, err := filepath.EvalSymlinks(d); err == nil && r != realDir {
+			dirs[r] = true
+		}
+	}
+	if p, err := filepath.EvalSymlinks(f.path); err == nil {
+		add(filepath.Dir(p))
+	}
+	for d := f.dir; filepath.Dir(d) != d; d = filepath.Dir(d) {
+		if fi, err := os.Lstat(d); err == nil && fi.Mode()&os.ModeSymlink != 0 {
+			add(filepath.Dir(d))
+		}
+	}
+	return dirs
 }
 
 func (f *file) read(apply func(*groups.Config) error) {

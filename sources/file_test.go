@@ -395,3 +395,42 @@ func TestFileSymlinkTargetDirectoryReplaced(t *testing.T) {
 	writeFile(t, filepath.Join(root, "conf", "groups.yml"), definition("c"))
 	a.waitLast(t, "c")
 }
+
+// The groups file's directory may itself be a symlink re-pointed at a new
+// directory (ln -sfn, as deployment tools switch a "current" release), with
+// the old directory kept. The swap shows only in the directory holding the
+// link, and must be seen all the same, as must in-place edits in the new
+// directory afterwards.
+func TestFileDirectorySymlinkSwap(t *testing.T) {
+	root := t.TempDir()
+	for _, d := range []string{"v1", "v2"} {
+		if err := os.Mkdir(filepath.Join(root, d), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	writeFile(t, filepath.Join(root, "v1", "groups.yml"), definition("a"))
+	writeFile(t, filepath.Join(root, "v2", "groups.yml"), definition("b"))
+	current := filepath.Join(root, "current")
+	if err := os.Symlink("v1", current); err != nil {
+		t.Fatal(err)
+	}
+	src, _ := openFile(t, filepath.Join(current, "groups.yml"))
+	if _, err := src.Load(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	a := newApplied()
+	watch(t, src, a)
+	eventually(t, "healthy", func() bool { return src.Status() == nil })
+	time.Sleep(100 * time.Millisecond) // past Watch's first read
+
+	tmp := filepath.Join(root, ".current.tmp")
+	if err := os.Symlink("v2", tmp); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.Rename(tmp, current); err != nil {
+		t.Fatal(err)
+	}
+	a.waitLast(t, "b")
+	writeFile(t, filepath.Join(root, "v2", "groups.yml"), definition("c"))
+	a.waitLast(t, "c")
+}
