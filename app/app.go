@@ -245,8 +245,12 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 			run:  func() error { return serveFrontends(frontends, logger) },
 			stop: func(error) {
 				// Load balancers stop sending visitors while the
-				// frontends drain.
+				// frontends drain, and tunnel clients register with
+				// the replicas that stay: a member registered now
+				// would serve nobody and be cut when the drain ends.
+				// The members here keep the requests in flight.
 				w.ready.Store(false)
+				_ = ln.Close()
 				shutdownFrontends(graceful(), frontends, logger)
 			},
 		},
@@ -303,7 +307,9 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 		name: "tunnel listener",
 		run: func() error {
 			logger.Info("accepting tunnels", "address", ln.Addr().String(), "server_name", cfg.ServerName)
-			if err := srv.Serve(ln); !errors.Is(err, tunnel.ErrServerClosed) {
+			// The listener is closed as the stop begins, before the
+			// server is shut down.
+			if err := srv.Serve(ln); !errors.Is(err, tunnel.ErrServerClosed) && !errors.Is(err, quic.ErrServerClosed) {
 				return err
 			}
 			return nil

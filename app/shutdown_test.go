@@ -158,3 +158,99 @@ func TestStopBeforeStart(t *testing.T) {
 		t.Fatal("Run did not return")
 	}
 }
+
+// On SIGTERM the server stops taking registrations at once, as it stops
+// taking visitors: a member that registered while the requests in flight
+// drain would serve nobody, and be cut when the drain ends, rather than
+// go to a replica that stays.
+func TestShutdownStopsTakingRegistrations(t *testing.T) {
+	groupsFile := filepath.Join(t.TempDir(), "groups.yml")
+	writeFile(t, groupsFile, `groups: {svc: {hosts: [svc.example]}}`)
+	const timeout = 4 * time.Second
+	cfg, err := ParseConfig([]string{
+		"-n", "flipt.dev.local", "-k", "../examples/simple/server.key", "-c", "../examples/simple/server.crt",
+		"-g", groupsFile, "-a", testnet.Addr(t, testnet.Tunnel), "-s", testnet.Addr(t, testnet.TCP),
+		"--shutdown-timeout", timeout.String(), "--management-address", testnet.Addr(t, testnet.TCP),
+	}, map[string]string{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan error, 1)
+	go func() { done <- Run(ctx, cfg, slog.New(slog.DiscardHandler)) }()
+
+	release := make(chan struct{})
+	inflight := make(chan struct{}, 1)
+	memberCtx, stopMember := context.WithCancel(context.Background())
+	defer stopMember()
+	join(t, memberCtx, cfg, &client.Server{
+		Handler: http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+			inflight <- struct{}{}
+			select {
+			case <-release:
+			case <-r.Context().Done():
+			}
+		}),
+	})
+	go func() {
+		req, _ := http.NewRequest(http.MethodGet, "http://"+cfg.HTTPAddress+"/slow", nil)
+		req.Host = "svc.example"
+		if resp, err := http.DefaultClient.Do(req); err == nil {
+			resp.Body.Close()
+		}
+	}()
+	select {
+	case <-inflight:
+	case <-time.After(10 * time.Second):
+		t.Fatal("the slow request did not reach the member")
+	}
+
+	start := time.Now()
+	cancel() // SIGTERM
+	for {
+		resp, err := http.Get("http://" + cfg.ManagementAddress + "/readyz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusServiceUnavailable {
+				break
+			}
+		}
+		if time.Since(start) > timeout/2 {
+			t.Fatal("/readyz not 503 after SIGTERM")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// The slow request holds the drain open; a new member comes meanwhile.
+	registered := make(chan struct{}, 1)
+	late := &client.Server{
+		TunnelGroup: "svc",
+		Handler:     http.NotFoundHandler(),
+		TLSConfig:   &tls.Config{RootCAs: exampleRoots(t), ServerName: "flipt.dev.local"},
+		Logger:      slog.New(slog.DiscardHandler),
+		OnConnectionReady: func(client.ConnectionInfo) {
+			select {
+			case registered <- struct{}{}:
+			default:
+			}
+		},
+	}
+	lateCtx, stopLate := context.WithCancel(context.Background())
+	defer stopLate()
+	go func() { _ = late.DialAndServe(lateCtx, cfg.TunnelAddress) }()
+	select {
+	case <-registered:
+		t.Errorf("a member registered %v after SIGTERM, while the server drains", time.Since(start).Round(time.Millisecond))
+	case <-time.After(timeout / 4):
+	}
+	stopLate()
+	close(release)
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatalf("Run: %v", err)
+		}
+	case <-time.After(2*timeout + 5*time.Second):
+		t.Fatal("Run did not return")
+	}
+}
