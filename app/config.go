@@ -6,7 +6,9 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
+	"strings"
 	"time"
 
 	"github.com/reverst-dev/reverst/internal/flagenv"
@@ -143,10 +145,19 @@ func (c *Config) validate() error {
 		{"registration-rate", c.RegistrationRate},
 		{"registration-burst", float64(c.RegistrationBurst)},
 	} {
-		if n.v < 0 {
+		switch {
+		case math.IsNaN(n.v):
+			// NaN passes every comparison: as a rate it would turn
+			// the limit off unnoticed.
+			errs = append(errs, fmt.Errorf("%s: must be a number, got NaN", name(n.long)))
+		case n.v < 0:
 			errs = append(errs, fmt.Errorf("%s: must not be negative, got %v", name(n.long), n.v))
 		}
 	}
+	// Every listener takes TCP, the tunnel address's too (its port takes
+	// the data connections).
+	type listener struct{ long, v string }
+	var tcp []listener
 	for _, a := range []struct {
 		long, network, v string
 		optional         bool
@@ -161,6 +172,22 @@ func (c *Config) validate() error {
 		}
 		if err := checkAddress(a.network, a.v); err != nil {
 			errs = append(errs, fmt.Errorf("%s: %w", name(a.long), err))
+			continue
+		}
+		tcp = append(tcp, listener{a.long, a.v})
+	}
+	// Two of them on one TCP port would fail only once started, with an
+	// "address already in use" that does not say which setting holds it,
+	// nor that the tunnel address takes TCP.
+	for i, a := range tcp {
+		for _, b := range tcp[:i] {
+			if sameTCPPort(a.v, b.v) {
+				err := fmt.Errorf("%s %q and %s %q listen on the same TCP port", name(b.long), b.v, name(a.long), a.v)
+				if b.long == "tunnel-address" {
+					err = fmt.Errorf("%w (the tunnel address takes its data connections on TCP)", err)
+				}
+				errs = append(errs, err)
+			}
 		}
 	}
 	if c.MaxHeaderBytes < 1024 {
@@ -191,6 +218,11 @@ func (c *Config) level() (slog.Level, error) {
 // mistyped address is a usage error rather than a failure after start.
 func checkAddress(network, addr string) error {
 	_, port, err := net.SplitHostPort(addr)
+	if err == nil && port == "" {
+		// net.Listen takes it for port 0, a free port nobody is told
+		// of: an unset variable in HOST:$PORT, most likely.
+		err = errors.New("missing port")
+	}
 	if err == nil {
 		_, err = net.LookupPort(network, port)
 	}
@@ -198,4 +230,29 @@ func checkAddress(network, addr string) error {
 		return fmt.Errorf("invalid address %q, want HOST:PORT such as 127.0.0.1:7171 or :7171: %w", addr, err)
 	}
 	return nil
+}
+
+// sameTCPPort tells whether two listen addresses, valid ones, would take
+// the same TCP port: the same port number (not 0, a free one each) on the
+// same host or on all addresses (Go listens on both IPv4 and IPv6 for an
+// unspecified host). Host names are compared as written.
+func sameTCPPort(a, b string) bool {
+	ha, pa, _ := net.SplitHostPort(a)
+	hb, pb, _ := net.SplitHostPort(b)
+	na, _ := net.LookupPort("tcp", pa)
+	nb, _ := net.LookupPort("tcp", pb)
+	if na == 0 || na != nb {
+		return false
+	}
+	all := func(h string) bool {
+		ip := net.ParseIP(h)
+		return h == "" || ip != nil && ip.IsUnspecified()
+	}
+	if all(ha) || all(hb) {
+		return true
+	}
+	if ia, ib := net.ParseIP(ha), net.ParseIP(hb); ia != nil && ib != nil {
+		return ia.Equal(ib)
+	}
+	return strings.EqualFold(ha, hb)
 }

@@ -90,6 +90,19 @@ func TestParseConfigErrors(t *testing.T) {
 		{"tunnel port out of range", required, map[string]string{"REVERST_TUNNEL_ADDRESS": "127.0.0.1:99999"}, []string{`--tunnel-address (REVERST_TUNNEL_ADDRESS): invalid address "127.0.0.1:99999"`}},
 		{"http address without port", append([]string{"-s", "localhost"}, required...), nil, []string{`--http-address (REVERST_HTTP_ADDRESS): invalid address "localhost"`, "HOST:PORT"}},
 		{"management address without port", required, map[string]string{"REVERST_MANAGEMENT_ADDRESS": "8080"}, []string{"--management-address (REVERST_MANAGEMENT_ADDRESS)"}},
+		{"registration rate not a number", required, map[string]string{"REVERST_REGISTRATION_RATE": "NaN"}, []string{"--registration-rate (REVERST_REGISTRATION_RATE)", "NaN"}},
+		// An unset variable in REVERST_HTTP_ADDRESS=0.0.0.0:$PORT: not a
+		// frontend on a port nobody knows.
+		{"http address with an empty port", append([]string{"-s", "0.0.0.0:"}, required...), nil, []string{`--http-address (REVERST_HTTP_ADDRESS): invalid address "0.0.0.0:"`, "missing port"}},
+		// The tunnel address takes TCP too, for data connections: the
+		// frontend would fail to bind once started, with a message that
+		// does not say why.
+		{"http address on the tunnel's TCP port", append([]string{"-a", "127.0.0.1:7171", "-s", "0.0.0.0:7171"}, required...), nil,
+			[]string{`--tunnel-address (REVERST_TUNNEL_ADDRESS) "127.0.0.1:7171" and --http-address (REVERST_HTTP_ADDRESS) "0.0.0.0:7171"`, "data connections"}},
+		{"management address on the http frontend's port", required, map[string]string{"REVERST_MANAGEMENT_ADDRESS": ":8181"},
+			[]string{`--http-address (REVERST_HTTP_ADDRESS) "0.0.0.0:8181" and --management-address (REVERST_MANAGEMENT_ADDRESS) ":8181"`}},
+		{"https address same as http", append([]string{"-s", "127.0.0.1:8443", "--https-address", "127.0.0.1:8443"}, required...), nil,
+			[]string{"--http-address (REVERST_HTTP_ADDRESS)", "--https-address (REVERST_HTTPS_ADDRESS)", "same TCP port"}},
 		{"unknown flag", []string{"--nope"}, nil, []string{"nope"}},
 		{"stray argument", append([]string{"serve"}, required...), nil, []string{"serve"}},
 	}
@@ -112,6 +125,20 @@ func TestParseConfigErrors(t *testing.T) {
 				t.Errorf("error %q blames a setting that is fine", err)
 			}
 		})
+	}
+}
+
+// Listeners on one port number are fine on distinct addresses, and port 0
+// (a free one each) never clashes.
+func TestParseConfigAcceptsDistinctListeners(t *testing.T) {
+	for _, args := range [][]string{
+		{"-a", "127.0.0.1:7171", "-s", "127.0.0.2:7171", "--management-address", "[::1]:7171"},
+		{"-a", "127.0.0.1:0", "-s", "127.0.0.1:0", "--https-address", ":0", "--management-address", "127.0.0.1:0"},
+		{"-a", "localhost:7171", "-s", "127.0.0.1:8181"},
+	} {
+		if _, err := ParseConfig(append(args, required...), map[string]string{}, nil); err != nil {
+			t.Errorf("%q: %v", args, err)
+		}
 	}
 }
 
