@@ -47,20 +47,26 @@ const (
 func (s *Server) ServeData(ln net.Listener, config *tls.Config) error {
 	config = config.Clone()
 	config.NextProtos = []string{protocol.DataALPN}
+	var delay time.Duration
 	for {
 		c, err := ln.Accept()
 		if err != nil {
 			if s.isClosed() || errors.Is(err, net.ErrClosed) {
 				return ErrServerClosed
 			}
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				// Out of file descriptors and the like: let it pass.
-				time.Sleep(10 * time.Millisecond)
+			if passing(err) {
+				// Out of file descriptors, say, under a flood of
+				// connections: ending here would stop the whole server
+				// and drop every tunnel. Wait for some to close, as
+				// net/http's Serve does.
+				delay = min(max(2*delay, 5*time.Millisecond), time.Second)
+				s.logger().Warn("accepting data connections failed; retrying", "error", err, "retry_in", delay)
+				time.Sleep(delay)
 				continue
 			}
 			return fmt.Errorf("tunnel: accepting data connections: %w", err)
 		}
+		delay = 0
 		if !s.pending.enter(c.RemoteAddr()) {
 			s.Metrics.dataConn("refused")
 			s.logger().Debug("data connection refused: too many in their hello", "remote", c.RemoteAddr().String())
@@ -70,6 +76,22 @@ func (s *Server) ServeData(ln net.Listener, config *tls.Config) error {
 		raw := newReadBatcher(c, &s.readBufs)
 		go s.handleData(tls.Server(raw, config), raw)
 	}
+}
+
+// passing reports whether an accept error is one that goes away: the
+// process or the system out of file descriptors or memory, a connection
+// aborted before it was accepted, a timeout.
+func passing(err error) bool {
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		return true
+	}
+	for _, errno := range []syscall.Errno{syscall.EMFILE, syscall.ENFILE, syscall.ENOBUFS, syscall.ENOMEM, syscall.ECONNABORTED, syscall.EINTR} {
+		if errors.Is(err, errno) {
+			return true
+		}
+	}
+	return false
 }
 
 // Listen opens a tunnel address: the UDP socket for QUIC (for Serve,
