@@ -195,6 +195,10 @@ func (c *Config) validate() error {
 	}
 	if (c.HTTPSCertificatePath == "") != (c.HTTPSPrivateKeyPath == "") {
 		errs = append(errs, fmt.Errorf("%s and %s go together", name("https-certificate-path"), name("https-private-key-path")))
+	} else if c.HTTPSCertificatePath != "" && c.HTTPSAddress == "" {
+		// Whoever sets the frontend's certificate means to serve HTTPS;
+		// without an address there is no HTTPS frontend to use it.
+		errs = append(errs, fmt.Errorf("%s and %s are set but %s is not: no HTTPS frontend would serve them", name("https-certificate-path"), name("https-private-key-path"), name("https-address")))
 	}
 	if c.ExternalAuthCache < 1 {
 		errs = append(errs, fmt.Errorf("%s: must be at least 1, got %d", name("external-auth-cache-size"), c.ExternalAuthCache))

@@ -103,6 +103,8 @@ func TestParseConfigErrors(t *testing.T) {
 			[]string{`--http-address (REVERST_HTTP_ADDRESS) "0.0.0.0:8181" and --management-address (REVERST_MANAGEMENT_ADDRESS) ":8181"`}},
 		{"https address same as http", append([]string{"-s", "127.0.0.1:8443", "--https-address", "127.0.0.1:8443"}, required...), nil,
 			[]string{"--http-address (REVERST_HTTP_ADDRESS)", "--https-address (REVERST_HTTPS_ADDRESS)", "same TCP port"}},
+		{"https certificate without https address", append([]string{"--https-certificate-path", "c.pem", "--https-private-key-path", "k.pem"}, required...), nil,
+			[]string{"--https-address (REVERST_HTTPS_ADDRESS) is not", "no HTTPS frontend"}},
 		{"unknown flag", []string{"--nope"}, nil, []string{"nope"}},
 		{"stray argument", append([]string{"serve"}, required...), nil, []string{"serve"}},
 	}
