@@ -13,6 +13,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -313,9 +314,9 @@ func (s *server) goroutines(t *testing.T) int {
 }
 
 // peakRSS is the process's VmHWM.
-func (s *server) peakRSS(t *testing.T) int64 {
+func (p *proc) peakRSS(t *testing.T) int64 {
 	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", s.pid()))
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/status", p.pid()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -333,9 +334,9 @@ func (s *server) peakRSS(t *testing.T) int64 {
 }
 
 // cpuTime is the CPU the process used so far (user + system).
-func (s *server) cpuTime(t *testing.T) time.Duration {
+func (p *proc) cpuTime(t *testing.T) time.Duration {
 	t.Helper()
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", s.pid()))
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", p.pid()))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -371,19 +372,22 @@ func (s *server) awaitMembers(t *testing.T, within time.Duration, what string, o
 // member is a member process.
 type member struct {
 	proc
-	lines chan string // its stdout, line by line
-	port  string      // UDP port of its current registration
+	lines  chan string // its stdout, line by line
+	port   string      // UDP port of its current registration
+	direct string      // with -direct, its handler's own HTTP address
 }
 
-// startMember starts a member named name and waits for its registration.
-func startMember(t *testing.T, s *server, name string) *member {
+// startMember starts a member named name, with extra flags, and waits for
+// its registration.
+func startMember(t *testing.T, s *server, name string, extra ...string) *member {
 	t.Helper()
-	m := newMember(t, s, name)
+	m := newMember(t, s, name, extra...)
 	m.awaitRegistered(t, startTimeout)
 	return m
 }
 
-// newMember starts a member named name, with extra flags, without waiting.
+// newMember starts a member named name, with extra flags, without waiting
+// for its registration (with -direct, it waits for its direct address).
 func newMember(t *testing.T, s *server, name string, extra ...string) *member {
 	t.Helper()
 	m := &member{
@@ -412,7 +416,27 @@ func newMember(t *testing.T, s *server, name string, extra ...string) *member {
 		_ = w.Close()
 	}()
 	m.cleanup(t)
+	if slices.Contains(extra, "-direct") {
+		m.direct = m.awaitLine(t, "direct ", startTimeout)
+	}
 	return m
+}
+
+// handlers asks the member, on its direct address, how many of its
+// handlers of method (every method if empty) are running.
+func (m *member) handlers(t *testing.T, hc *http.Client, method string) int {
+	t.Helper()
+	resp, err := hc.Get("http://" + m.direct + "/running?method=" + method)
+	if err != nil {
+		t.Fatalf("%s: GET /running: %v", m.name, err)
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	n, convErr := strconv.Atoi(string(b))
+	if err != nil || convErr != nil {
+		t.Fatalf("%s: GET /running: %q %v", m.name, b, errors.Join(err, convErr))
+	}
+	return n
 }
 
 // awaitLine waits for the next stdout line with prefix and returns the
@@ -583,27 +607,46 @@ func startMembers(t *testing.T, s *server, names ...string) []*member {
 	for _, name := range names {
 		ms = append(ms, startMember(t, s, name))
 	}
-	s.awaitMembers(t, 5*time.Second, fmt.Sprintf("%d members", len(names)), func(st []memberStatus) bool { return len(st) == len(names) })
-	reach(t, s, names, 5*time.Second)
+	awaitGroup(t, s, ms)
 	return ms
 }
 
-// reach sends GETs to /id until every named member answered.
-func reach(t *testing.T, s *server, names []string, within time.Duration) {
+// awaitGroup waits until the server lists exactly ms and each has answered
+// a request.
+func awaitGroup(t *testing.T, s *server, ms []*member) {
+	t.Helper()
+	names := make([]string, len(ms))
+	for i, m := range ms {
+		names[i] = m.name
+	}
+	s.awaitMembers(t, 5*time.Second, fmt.Sprintf("%d members", len(names)), func(st []memberStatus) bool { return len(st) == len(names) })
+	reach(t, s, names, 5*time.Second)
+}
+
+// reach sends GETs to /id until every named member answered, and returns
+// how many it sent and how many of them failed.
+func reach(t *testing.T, s *server, names []string, within time.Duration) (sent, failed int) {
 	t.Helper()
 	hc := visitors(t, 1)
 	defer hc.CloseIdleConnections()
 	seen := map[string]bool{}
 	deadline := time.Now().Add(within)
 	for len(seen) < len(names) {
+		sent++
 		status, body, err := get(t.Context(), hc, s, "/id")
-		if err == nil && status == http.StatusOK {
+		ok := err == nil && status == http.StatusOK
+		if ok {
 			seen[body] = true
-			continue
+		} else {
+			failed++
 		}
-		if time.Now().After(deadline) {
+		// Answers from the same members only must not keep it going.
+		if len(seen) < len(names) && time.Now().After(deadline) {
 			t.Fatalf("reached %v within %v, want %v (last: %d %q %v)", seen, within, names, status, body, err)
 		}
-		time.Sleep(10 * time.Millisecond)
+		if !ok {
+			time.Sleep(10 * time.Millisecond)
+		}
 	}
+	return sent, failed
 }

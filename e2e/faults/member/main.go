@@ -11,13 +11,17 @@
 //
 // Every answer carries its -name in the header X-Member. Its handler serves:
 //
-//	/id?ms=N          its -name, after N milliseconds
-//	/panic            panics
+//	/id?ms=N&on=NAME  its -name, after N milliseconds (only if its -name is
+//	                  NAME, when on is given); any method, a body is read first
+//	/panic[?late]     panics (with late, after a flushed part of its answer)
 //	/stream?n=N&interval=D  N lines "SEQ UNIX_NANO", each flushed, D apart
-//	/upload           reads the body and answers "BYTES CRC32"
+//	/upload           reads the body and answers "BYTES CRC32 FIRST_NANO",
+//	                  FIRST_NANO the wall clock when its first byte came
 //	/ws               WebSocket: echoes every message until "close"
 //	/wsactive         how many /ws handlers are running
 //	/served           how many requests it has received (this one included)
+//	/running?method=M how many other handlers are running (of method M only,
+//	                  if given)
 package main
 
 import (
@@ -135,12 +139,23 @@ type handler struct {
 	served     atomic.Int64 // requests finished
 	afterDrain atomic.Int64 // requests that arrived after SIGTERM
 	wsActive   atomic.Int64
+
+	mu      sync.Mutex
+	running map[string]int // handlers running, by method
 }
 
 func (h *handler) mux() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("GET /id", h.id)
-	mux.HandleFunc("GET /panic", func(http.ResponseWriter, *http.Request) { panic("deliberate panic for the fault suite") })
+	mux.HandleFunc("/id", h.id)
+	mux.HandleFunc("GET /panic", func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Query().Has("late") {
+			// Too late for a 500: the visitor must not take the answer
+			// for a complete one.
+			_, _ = io.WriteString(w, "partial")
+			_ = http.NewResponseController(w).Flush()
+		}
+		panic("deliberate panic for the fault suite")
+	})
 	mux.HandleFunc("GET /stream", h.stream)
 	mux.HandleFunc("POST /upload", h.upload)
 	mux.Handle("GET /ws", websocket.Handler(h.echo))
@@ -150,19 +165,64 @@ func (h *handler) mux() http.Handler {
 	mux.HandleFunc("GET /served", func(w http.ResponseWriter, _ *http.Request) {
 		fmt.Fprint(w, h.received.Load())
 	})
+	mux.HandleFunc("GET /running", func(w http.ResponseWriter, r *http.Request) {
+		method := r.URL.Query().Get("method")
+		n := h.runningNow(method)
+		if method == "" || method == r.Method {
+			n-- // not this one
+		}
+		fmt.Fprint(w, n)
+	})
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		h.received.Add(1)
+		h.track(r.Method, 1)
 		w.Header().Set("X-Member", h.name)
 		if h.draining.Load() {
 			h.afterDrain.Add(1)
 		}
+		// Deferred, so that a handler that panics is counted as done.
 		defer h.served.Add(1)
+		defer h.track(r.Method, -1)
 		mux.ServeHTTP(w, r)
 	})
 }
 
+func (h *handler) track(method string, d int) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.running == nil {
+		h.running = map[string]int{}
+	}
+	h.running[method] += d
+}
+
+// runningNow counts the handlers running, of method or, if it is empty,
+// of every method.
+func (h *handler) runningNow(method string) int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if method != "" {
+		return h.running[method]
+	}
+	n := 0
+	for _, c := range h.running {
+		n += c
+	}
+	return n
+}
+
 func (h *handler) id(w http.ResponseWriter, r *http.Request) {
-	if ms, _ := strconv.Atoi(r.URL.Query().Get("ms")); ms > 0 {
+	// The whole body is in before the wait: a request that dies during
+	// it has been sent, and must not be sent again unless it is safe.
+	if _, err := io.Copy(io.Discard, r.Body); err != nil {
+		return
+	}
+	q := r.URL.Query()
+	if on := q.Get("on"); on != "" && on != h.name {
+		_, _ = io.WriteString(w, h.name)
+		return
+	}
+	if ms, _ := strconv.Atoi(q.Get("ms")); ms > 0 {
 		select {
 		case <-time.After(time.Duration(ms) * time.Millisecond):
 		case <-r.Context().Done():
@@ -200,13 +260,28 @@ func (h *handler) stream(w http.ResponseWriter, r *http.Request) {
 
 func (h *handler) upload(w http.ResponseWriter, r *http.Request) {
 	sum := crc32.NewIEEE()
-	n, err := io.CopyBuffer(sum, r.Body, make([]byte, 256<<10))
+	body := &firstByte{r: r.Body}
+	n, err := io.CopyBuffer(sum, body, make([]byte, 256<<10))
 	if err != nil {
 		h.log.Warn("upload interrupted", "bytes", n, "error", err)
 		http.Error(w, err.Error(), http.StatusBadRequest)
 		return
 	}
-	fmt.Fprintf(w, "%d %08x", n, sum.Sum32())
+	fmt.Fprintf(w, "%d %08x %d", n, sum.Sum32(), body.at.UnixNano())
+}
+
+// firstByte notes when the first byte was read from r.
+type firstByte struct {
+	r  io.Reader
+	at time.Time
+}
+
+func (f *firstByte) Read(b []byte) (int, error) {
+	n, err := f.r.Read(b)
+	if n > 0 && f.at.IsZero() {
+		f.at = time.Now()
+	}
+	return n, err
 }
 
 func (h *handler) echo(ws *websocket.Conn) {
