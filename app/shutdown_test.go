@@ -85,20 +85,9 @@ func TestShutdownStopsEveryFrontendAtOnce(t *testing.T) {
 		}
 	}
 
-	start := time.Now()
-	cancel() // SIGTERM
-	// The stop has begun once /readyz says so; from then on no frontend
-	// takes a visitor, while the slow requests hold the drain open.
-	for {
-		code, err := get(&http.Client{}, "http://"+cfg.ManagementAddress+"/readyz")
-		if err == nil && code == http.StatusServiceUnavailable {
-			break
-		}
-		if time.Since(start) > timeout {
-			t.Fatalf("/readyz while draining: %d %v, want 503", code, err)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	// From then on no frontend takes a visitor, while the slow requests
+	// hold the drain open.
+	start := stopAndAwaitDrain(t, cancel, cfg.ManagementAddress, timeout)
 	// Every frontend closes its listener as the stop begins, not after
 	// another frontend's drain (which the slow requests make last the
 	// whole timeout).
@@ -206,21 +195,7 @@ func TestShutdownStopsTakingRegistrations(t *testing.T) {
 		t.Fatal("the slow request did not reach the member")
 	}
 
-	start := time.Now()
-	cancel() // SIGTERM
-	for {
-		resp, err := http.Get("http://" + cfg.ManagementAddress + "/readyz")
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusServiceUnavailable {
-				break
-			}
-		}
-		if time.Since(start) > timeout/2 {
-			t.Fatal("/readyz not 503 after SIGTERM")
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	start := stopAndAwaitDrain(t, cancel, cfg.ManagementAddress, timeout/2)
 	// The slow request holds the drain open; a new member comes meanwhile.
 	registered := make(chan struct{}, 1)
 	late := &client.Server{
@@ -252,5 +227,27 @@ func TestShutdownStopsTakingRegistrations(t *testing.T) {
 		}
 	case <-time.After(2*timeout + 5*time.Second):
 		t.Fatal("Run did not return")
+	}
+}
+
+// stopAndAwaitDrain cancels the server's context, as SIGTERM does, and
+// waits for /readyz to say that the stop has begun. It returns when the
+// stop was asked for.
+func stopAndAwaitDrain(t *testing.T, cancel context.CancelFunc, mgmtAddr string, within time.Duration) time.Time {
+	t.Helper()
+	start := time.Now()
+	cancel()
+	for {
+		resp, err := http.Get("http://" + mgmtAddr + "/readyz")
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusServiceUnavailable {
+				return start
+			}
+		}
+		if time.Since(start) > within {
+			t.Fatalf("/readyz not 503 %v after SIGTERM (last error %v)", within, err)
+		}
+		time.Sleep(10 * time.Millisecond)
 	}
 }
