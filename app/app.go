@@ -249,8 +249,8 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 				// the replicas that stay: a member registered now
 				// would serve nobody and be cut when the drain ends.
 				// The members here keep the requests in flight.
-				w.ready.Store(false)
 				_ = ln.Close()
+				w.ready.Store(false)
 				shutdownFrontends(graceful(), frontends, logger)
 			},
 		},

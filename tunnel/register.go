@@ -62,7 +62,7 @@ func (s *Server) register(conn *quic.Conn) (*group, *member, *quic.Stream, *prot
 
 	stream, err := conn.AcceptStream(ctx)
 	if err != nil {
-		if ctx.Err() != nil {
+		if timedOut(ctx, err) {
 			err = errors.Join(errTimeout, err)
 		}
 		return nil, nil, nil, nil, errors.Join(protocol.ErrBadRequest, err)
@@ -72,7 +72,7 @@ func (s *Server) register(conn *quic.Conn) (*group, *member, *quic.Stream, *prot
 	req, err := protocol.ReadRequest(stream)
 	if err != nil {
 		stream.CancelRead(0)
-		if errors.Is(err, os.ErrDeadlineExceeded) || ctx.Err() != nil {
+		if timedOut(ctx, err) {
 			err = errors.Join(errTimeout, err)
 		}
 		return nil, nil, nil, nil, err
@@ -197,6 +197,15 @@ func (s *Server) control(stream *quic.Stream, m *member, log *slog.Logger) {
 }
 
 var errTimeout = errors.New("no register request in time")
+
+// timedOut tells whether a step of the registration failed because the
+// register timeout ran out: ctx's deadline or the stream's, set to it. A
+// connection that ended first (the client closed it, went silent past the
+// idle timeout, or the server shut down) also ends ctx, which derives from
+// it, but was not too slow.
+func timedOut(ctx context.Context, err error) bool {
+	return errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(ctx.Err(), context.DeadlineExceeded)
+}
 
 // closeFor maps a registration failure to the QUIC close code and reason
 // of the protocol, and to the metric result.

@@ -832,6 +832,9 @@ func TestVisitorResets(t *testing.T) {
 
 	after := settledGoroutines(t, s, baseline, 10*time.Second)
 	settled := time.Since(start) - storm
+	// Before the member is asked on its direct address: its /served
+	// counts those requests too.
+	reached := received(t, hc, s) - receivedBefore - 1
 	// A /stream handler left running ends by itself within a second; an
 	// /upload one waits a minute.
 	handlers := m.handlers(t, direct, "")
@@ -845,7 +848,6 @@ func TestVisitorResets(t *testing.T) {
 	busy := float64(s.cpuTime(t)-cpu0) / float64(time.Since(at0))
 	memberBusy := float64(m.cpuTime(t)-memberCPU0) / float64(time.Since(at0))
 	st := s.members(t)
-	reached := received(t, hc, s) - receivedBefore - 1
 	status, body, err := get(t.Context(), hc, s, "/id")
 	t.Logf("%d visitors reset (sent %d, failed to send %d, %d reached the member) in %v; goroutines %d before, %d after (settled %v later); member handlers still running %d (%v later); CPU over 2 s: server %.1f%%, member %.1f%% of a core; member in flight %d; next request %d %q %v",
 		visitors, visitors-dialErrs, dialErrs, reached, storm.Round(time.Millisecond), baseline, after, settled.Round(time.Millisecond),
