@@ -4,7 +4,6 @@ import (
 	"context"
 	"crypto/tls"
 	"fmt"
-	"io"
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
@@ -25,19 +24,8 @@ func TestShutdownStopsEveryFrontendAtOnce(t *testing.T) {
 	groupsFile := filepath.Join(dir, "groups.yml")
 	writeFile(t, groupsFile, `groups: {svc: {hosts: [svc.example]}}`)
 	const timeout = 2 * time.Second
-	cfg, err := ParseConfig([]string{
-		"-n", "flipt.dev.local", "-k", "../examples/simple/server.key", "-c", "../examples/simple/server.crt",
-		"-g", groupsFile, "-a", testnet.Addr(t, testnet.Tunnel), "-s", testnet.Addr(t, testnet.TCP),
-		"--https-address", testnet.Addr(t, testnet.TCP), "--shutdown-timeout", timeout.String(),
-		"--management-address", testnet.Addr(t, testnet.TCP),
-	}, map[string]string{}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
+	cfg, cancel, done := runExample(t, groupsFile, timeout, "--https-address", testnet.Addr(t, testnet.TCP))
 	defer cancel()
-	done := make(chan error, 1)
-	go func() { done <- Run(ctx, cfg, slog.New(slog.NewTextHandler(io.Discard, nil))) }()
 
 	roots := exampleRoots(t)
 	release := make(chan struct{})
@@ -156,18 +144,8 @@ func TestShutdownStopsTakingRegistrations(t *testing.T) {
 	groupsFile := filepath.Join(t.TempDir(), "groups.yml")
 	writeFile(t, groupsFile, `groups: {svc: {hosts: [svc.example]}}`)
 	const timeout = 4 * time.Second
-	cfg, err := ParseConfig([]string{
-		"-n", "flipt.dev.local", "-k", "../examples/simple/server.key", "-c", "../examples/simple/server.crt",
-		"-g", groupsFile, "-a", testnet.Addr(t, testnet.Tunnel), "-s", testnet.Addr(t, testnet.TCP),
-		"--shutdown-timeout", timeout.String(), "--management-address", testnet.Addr(t, testnet.TCP),
-	}, map[string]string{}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
+	cfg, cancel, done := runExample(t, groupsFile, timeout)
 	defer cancel()
-	done := make(chan error, 1)
-	go func() { done <- Run(ctx, cfg, slog.New(slog.DiscardHandler)) }()
 
 	release := make(chan struct{})
 	inflight := make(chan struct{}, 1)
@@ -250,4 +228,23 @@ func stopAndAwaitDrain(t *testing.T, cancel context.CancelFunc, mgmtAddr string,
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// runExample runs the server with the example's certificate, groupsFile,
+// the shutdown timeout and args, on free ports; cancel stops it as SIGTERM
+// does, and done receives what Run returned.
+func runExample(t *testing.T, groupsFile string, timeout time.Duration, args ...string) (*Config, context.CancelFunc, <-chan error) {
+	t.Helper()
+	cfg, err := ParseConfig(append([]string{
+		"-n", "flipt.dev.local", "-k", "../examples/simple/server.key", "-c", "../examples/simple/server.crt",
+		"-g", groupsFile, "-a", testnet.Addr(t, testnet.Tunnel), "-s", testnet.Addr(t, testnet.TCP),
+		"--shutdown-timeout", timeout.String(), "--management-address", testnet.Addr(t, testnet.TCP),
+	}, args...), map[string]string{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- Run(ctx, cfg, slog.New(slog.DiscardHandler)) }()
+	return cfg, cancel, done
 }
