@@ -83,6 +83,8 @@ type configMap struct {
 	// initialCheck, when set, runs the check for a ConfigMap missing from
 	// the initial list; tests delay it.
 	initialCheck func(check func())
+	// getTimeout bounds Load's GET; zero means requestTimeout.
+	getTimeout time.Duration
 }
 
 func newConfigMap(ref kubeRef, opts Options, m *metrics) *configMap {
@@ -121,6 +123,15 @@ func (c *configMap) get(ctx context.Context) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The client has no timeout of its own (one would also cut the
+	// informer's watches): an API server that takes the connection and
+	// never answers would hold start-up until SIGTERM.
+	timeout := c.getTimeout
+	if timeout == 0 {
+		timeout = requestTimeout
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
 	cm, err := cl.CoreV1().ConfigMaps(c.ref.namespace).Get(ctx, c.ref.name, metav1.GetOptions{})
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", c, err)

@@ -8,6 +8,8 @@ import (
 	"encoding/hex"
 	"errors"
 	"io"
+	"net/http"
+	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"slices"
@@ -21,6 +23,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
 	"sigs.k8s.io/yaml"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -216,6 +219,37 @@ func TestConfigMapMissingAtStart(t *testing.T) {
 	}
 	a.waitLast(t, "a")
 	eventually(t, "healthy", func() bool { return src.Status() == nil })
+}
+
+// An API server that takes the request and never answers fails Load
+// after its timeout instead of holding start-up.
+func TestConfigMapLoadOfSilentAPIServer(t *testing.T) {
+	release := make(chan struct{})
+	silent := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-release:
+		case <-r.Context().Done():
+		}
+	}))
+	defer silent.Close()
+	defer close(release)
+
+	src, err := Open("k8s://configmap/ns/"+groupsConfigMap+"/"+groupsKey, Options{Kube: &rest.Config{Host: silent.URL}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src.(*configMap).getTimeout = 300 * time.Millisecond
+	start := time.Now()
+	_, err = src.Load(context.Background())
+	if !errors.Is(err, context.DeadlineExceeded) {
+		t.Fatalf("Load: %v, want a deadline error", err)
+	}
+	if d := time.Since(start); d > 5*time.Second {
+		t.Errorf("Load returned after %v", d)
+	}
+	if src.Status() == nil {
+		t.Error("Status is nil after the failed Load")
+	}
 }
 
 // The rules grant the one ConfigMap and nothing else: the same user is

@@ -12,7 +12,8 @@ import (
 	"github.com/reverst-dev/reverst/groups"
 )
 
-// requestTimeout bounds one poll when the HTTP client sets no timeout.
+// requestTimeout bounds one poll of a URL source whose HTTP client sets no
+// timeout, and the GET of a ConfigMap source's Load.
 const requestTimeout = 30 * time.Second
 
 // remote is a definition served over HTTP(S). It polls with conditional
