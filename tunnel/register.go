@@ -105,7 +105,10 @@ func (s *Server) register(conn *quic.Conn) (*group, *member, *quic.Stream, *prot
 		return g, nil, nil, nil, protocol.ErrNotFound
 	}
 	if err := protocol.WriteResponse(stream, resp); err != nil {
-		g.remove(m)
+		// Another registration may have counted m in the gauge meanwhile.
+		if g.remove(m) {
+			s.Metrics.setMembers(g)
+		}
 		s.dropData(m)
 		return g, nil, nil, nil, err
 	}
