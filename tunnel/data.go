@@ -204,14 +204,16 @@ type dataConn struct {
 }
 
 // stale reports whether dc, idle in its pool, was closed by the member or
-// holds bytes nobody asked for. It costs a system call, so only requests
-// that must not be sent twice ask.
+// holds bytes nobody asked for. It costs a system call, which every
+// request pays: the check at the end of an exchange (dataBody.Close) sees
+// only what had been read off the socket by then, and bytes still in it,
+// or arriving since, would be read as the next request's answer.
 func (dc *dataConn) stale() bool {
 	if dc.raw.buf != nil {
 		return true
 	}
 	if dc.raw.rc == nil {
-		return false // the retry of replayable requests still covers it
+		return false // where the socket cannot be peeked at
 	}
 	var closed bool
 	if err := dc.raw.rc.Read(func(fd uintptr) bool {

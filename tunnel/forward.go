@@ -80,9 +80,12 @@ func (s *Server) forward(w http.ResponseWriter, r *http.Request, g *group) (stat
 			// chunking: the member would parse it as further requests.
 			dc = m.data.get()
 		}
-		for dc != nil && !replayable(out) && dc.stale() {
+		for dc != nil && dc.stale() {
 			// A request that must not run twice cannot learn the hard way
-			// that the member closed this connection while it was idle.
+			// that the member closed this connection while it was idle;
+			// and bytes the member sent after its last answer, once that
+			// was checked, would be read as this request's answer, which
+			// no retry would notice.
 			m.data.discard(dc)
 			dc = m.data.get()
 		}

@@ -180,3 +180,79 @@ func TestMemberStreamsTowardsServerRefused(t *testing.T) {
 			conn.ConnectionStats().BytesSent>>10)
 	}
 }
+
+// rawDataConns registers a hand-made member with n data connections, each
+// served by serve.
+func rawDataConns(t *testing.T, e *env, n int, serve func(c net.Conn)) {
+	t.Helper()
+	_, _, resp := e.registerRaw(t, "svc", map[string]string{protocol.MetadataData: protocol.DataHTTP1}, &quic.Config{MaxIdleTimeout: 10 * time.Second, KeepAlivePeriod: time.Second})
+	e.waitMembers(t, "svc", func(n int) bool { return n == 1 })
+	for range n {
+		c, err := tls.Dial("tcp", e.dataAddr, &tls.Config{RootCAs: e.roots, ServerName: "localhost", NextProtos: []string{protocol.DataALPN}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		if err := protocol.WriteDataHello(c, resp.Metadata[protocol.MetadataData]); err != nil {
+			t.Fatal(err)
+		}
+		var ok [1]byte
+		if _, err := io.ReadFull(c, ok[:]); err != nil || ok[0] != protocol.DataOK {
+			t.Fatalf("data hello: %v", err)
+		}
+		go serve(c)
+	}
+	deadline := time.Now().Add(5 * time.Second)
+	for got := e.dataConns("svc"); len(got) != 1 || got[0] != n; got = e.dataConns("svc") {
+		if time.Now().After(deadline) {
+			t.Fatalf("data connections: %v", got)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// answerEach serves a data connection by reading requests and having
+// answer write the response to each.
+func answerEach(answer func(c net.Conn, req *http.Request)) func(net.Conn) {
+	return func(c net.Conn) {
+		br := bufio.NewReader(c)
+		for {
+			req, err := http.ReadRequest(br)
+			if err != nil {
+				return
+			}
+			io.Copy(io.Discard, req.Body)
+			answer(c, req)
+		}
+	}
+}
+
+// Bytes a member sends after a complete answer (a body after a 204, say)
+// that arrive a moment later, once the server has checked the connection
+// and pooled it, must not be read as the answer to the next request on
+// it, a GET as well as a POST: they would give one visitor an answer
+// meant for another.
+func TestLateUnaskedBytesNotReadAsNextAnswer(t *testing.T) {
+	for _, method := range []string{http.MethodGet, http.MethodPost} {
+		t.Run(method, func(t *testing.T) {
+			e := startServer(t, svc)
+			rawDataConns(t, e, 2, answerEach(func(c net.Conn, req *http.Request) {
+				if req.URL.Path == "/first" {
+					io.WriteString(c, "HTTP/1.1 204 No Content\r\n\r\n")
+					time.Sleep(20 * time.Millisecond)
+					io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED")
+					return
+				}
+				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+			}))
+			if code, _ := e.get(t, "svc.example", "/first"); code != http.StatusNoContent {
+				t.Fatalf("first: %d", code)
+			}
+			time.Sleep(100 * time.Millisecond) // the late bytes arrive
+			res := e.do(t, e.newRequest(t, t.Context(), method, "/next", nil))
+			if body, _ := io.ReadAll(res.Body); string(body) != "second" {
+				t.Fatalf("next visitor got %d %q, the bytes the member sent after the first answer", res.StatusCode, body)
+			}
+		})
+	}
+}

@@ -387,3 +387,48 @@ func TestH2RapidReset(t *testing.T) {
 		}
 	})
 }
+
+// Go's HTTP/2 server takes any :method a visitor sends, spaces and tabs
+// included, where its HTTP/1 server takes only a token. Written on a data
+// connection's request line, such a method shifts the line's fields: a
+// member would read its target from the method ("GET /admin" on the line
+// "GET /admin /x HTTP/1.1"), or refuse the request and drop the
+// connection. The visitor gets a 400 from the server, and the member no
+// such line.
+func TestH2MethodNotToken(t *testing.T) {
+	e := startServer(t, svc)
+	lines := make(chan string, 16)
+	rawDataConns(t, e, 2, func(c net.Conn) {
+		// The request line as sent, then the rest of a body-less request.
+		br := bufio.NewReader(c)
+		for {
+			line, err := br.ReadString('\n')
+			if err != nil {
+				return
+			}
+			lines <- strings.TrimSuffix(line, "\r\n")
+			for line != "\r\n" {
+				if line, err = br.ReadString('\n'); err != nil {
+					return
+				}
+			}
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+		}
+	})
+	addr := h2frontend(t, e)
+	for _, method := range []string{"GET /admin", "GET\t/admin", "G\u00e9T"} {
+		h := dialH2(t, addr)
+		h.headers(t, 1, true, ":method", method, ":scheme", "https", ":authority", "svc.example", ":path", "/x")
+		if st, body := h.readResponse(t, 1); st != "400" {
+			t.Errorf(":method %q: %s %q, want 400", method, st, body)
+		}
+	}
+	for {
+		select {
+		case l := <-lines:
+			t.Errorf("member got the request line %q", l)
+		default:
+			return
+		}
+	}
+}

@@ -62,6 +62,15 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		s.Metrics.request(group, status, d)
 		s.logRequest(r, group, status, d)
 	}()
+	if !httpguts.ValidHeaderFieldName(r.Method) {
+		// Go's HTTP/2 server takes any :method, spaces included, where
+		// its HTTP/1 server takes only a token: on a data connection's
+		// request line such a method would shift the fields the member
+		// reads ("GET /admin /x HTTP/1.1"). A field name is a token.
+		status = http.StatusBadRequest
+		textError(w, "reverst: invalid method\n", status)
+		return
+	}
 	host := s.routingHost(r)
 	if !httpguts.ValidHostHeader(r.Host) || host != r.Host && !httpguts.ValidHostHeader(host) {
 		// An absolute-form target is not checked by net/http as a Host
