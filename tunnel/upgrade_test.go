@@ -149,6 +149,35 @@ func TestRefusedUpgradeEndsConnection(t *testing.T) {
 	}
 }
 
+// The visitor's hop-by-hop headers stop at the server on an upgrade too;
+// the upgrade's own Connection and Upgrade reach the member.
+func TestUpgradeDropsHopByHopHeaders(t *testing.T) {
+	e := startServer(t, svc)
+	seen := make(chan http.Header, 1)
+	e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		seen <- r.Header.Clone()
+		w.WriteHeader(http.StatusForbidden)
+	}))
+	c := e.dialFrontend(t)
+	c.SetDeadline(time.Now().Add(5 * time.Second))
+	io.WriteString(c, "GET /ws HTTP/1.1\r\nHost: svc.example\r\nConnection: Upgrade, X-Hop\r\nUpgrade: websocket\r\n"+
+		"X-Hop: 1\r\nProxy-Authorization: Basic dmlzaXRvcjpzZWNyZXQ=\r\nKeep-Alive: timeout=5\r\nX-End: 1\r\n\r\n")
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	h := <-seen
+	for _, k := range []string{"X-Hop", "Proxy-Authorization", "Keep-Alive"} {
+		if v, ok := h[k]; ok {
+			t.Errorf("member got %s: %q", k, v)
+		}
+	}
+	if h.Get("Upgrade") != "websocket" || h.Get("Connection") != "Upgrade" || h.Get("X-End") != "1" {
+		t.Errorf("member got Upgrade %q, Connection %q, X-End %q; want websocket, Upgrade, 1", h.Get("Upgrade"), h.Get("Connection"), h.Get("X-End"))
+	}
+}
+
 // An upgrade to a group whose members are all busy gets the busy answer,
 // with its Retry-After, like any request.
 func TestUpgradeToBusyGroup(t *testing.T) {
