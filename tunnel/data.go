@@ -285,10 +285,15 @@ type dataPool struct {
 // add puts a new connection in the pool; it reports false when the pool
 // is closed or full.
 func (p *dataPool) add(c *tls.Conn, raw *readBatcher) bool {
-	dc := &dataConn{conn: c, raw: raw, limit: headerLimit{r: c, n: -1}, idleSince: time.Now()}
+	now := time.Now()
+	dc := &dataConn{conn: c, raw: raw, limit: headerLimit{r: c, n: -1}, idleSince: now}
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if p.closed || len(p.all) >= maxDataConns {
+	if p.closed {
+		return false
+	}
+	p.sweepLocked(now)
+	if len(p.all) >= maxDataConns {
 		return false
 	}
 	if p.all == nil {
@@ -297,6 +302,26 @@ func (p *dataPool) add(c *tls.Conn, raw *readBatcher) bool {
 	p.all[dc] = struct{}{}
 	p.idle = append(p.idle, dc)
 	return true
+}
+
+// sweepLocked closes the idle connections that expired or went stale. A
+// member dials a connection to replace one that went while idle (a
+// middlebox reset it, its host closed it), and only a request would find
+// the dead one otherwise: on a quiet tunnel they would pile up, a
+// descriptor each, up to maxDataConns. A system call per idle connection
+// is cheap at the rate members dial.
+func (p *dataPool) sweepLocked(now time.Time) {
+	p.expireLocked(now)
+	live := p.idle[:0]
+	for _, dc := range p.idle {
+		if dc.stale() {
+			p.dropLocked(dc)
+			continue
+		}
+		live = append(live, dc)
+	}
+	clear(p.idle[len(live):])
+	p.idle = live
 }
 
 // get takes the most recently used idle connection, or returns nil.

@@ -292,6 +292,54 @@ func TestIdleDataConnectionClosedByMember(t *testing.T) {
 	}
 }
 
+// Data connections that go while idle (a middlebox resets them, the
+// member's host closes them) are let go of once the member dials their
+// replacements, not held, a descriptor each, until the next request: on a
+// quiet tunnel that may be hours, as drops pile up.
+func TestDroppedIdleDataConnectionsReleased(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	e := startServerWith(t, func(s *tunnel.Server) { s.Metrics = tunnel.NewMetrics(reg) }, svc)
+	_, _, resp := e.registerRaw(t, "svc", map[string]string{protocol.MetadataData: protocol.DataHTTP1}, &quic.Config{MaxIdleTimeout: 10 * time.Second, KeepAlivePeriod: time.Second})
+	e.waitMembers(t, "svc", func(n int) bool { return n == 1 })
+	// dial opens the member's nth data connection, and returns once the
+	// server has pooled it.
+	dial := func(n int) net.Conn {
+		t.Helper()
+		c, err := tls.Dial("tcp", e.dataAddr, &tls.Config{RootCAs: e.roots, ServerName: "localhost", NextProtos: []string{protocol.DataALPN}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { c.Close() })
+		if err := protocol.WriteDataHello(c, resp.Metadata[protocol.MetadataData]); err != nil {
+			t.Fatal(err)
+		}
+		var ok [1]byte
+		if _, err := io.ReadFull(c, ok[:]); err != nil || ok[0] != protocol.DataOK {
+			t.Fatalf("data hello: %v", err)
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for testutil.ToFloat64(dataConnsMetric(t, reg, "ok")) < float64(n) {
+			if time.Now().After(deadline) {
+				t.Fatalf("data connection %d not pooled", n)
+			}
+			time.Sleep(5 * time.Millisecond)
+		}
+		return c
+	}
+	const dropped = 20
+	for i := range dropped {
+		dial(i + 1).Close()
+	}
+	dial(dropped + 1) // the replacement
+	deadline := time.Now().Add(5 * time.Second)
+	for got := e.dataConns("svc"); len(got) != 1 || got[0] != 1; got = e.dataConns("svc") {
+		if time.Now().After(deadline) {
+			t.Fatalf("data connections held after %d were dropped and one dialled: %v", dropped, got)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
 // Where TCP to the tunnel port does not get through, the member notices
 // and serves over QUIC.
 func TestDataConnectionsUnreachable(t *testing.T) {

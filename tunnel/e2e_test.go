@@ -383,6 +383,71 @@ reverst_registrations_total{group="svc",result="ok"} 1
 	}
 }
 
+// A reload that removes a group takes its series with it, those of
+// requests still in flight on it included: groups that come and go (one
+// per preview environment, say) must not grow the metrics for good.
+func TestRemovedGroupLeavesNoSeries(t *testing.T) {
+	reg := prometheus.NewRegistry()
+	gone := tunnel.Group{Name: "gone", Hosts: []string{"gone.example"}}
+	e := startServerWith(t, func(s *tunnel.Server) { s.Metrics = tunnel.NewMetrics(reg) }, svc, gone)
+	e.join(t, "svc", "a", nil)
+	held := make(chan struct{}, 1)
+	e.serve(t, "gone", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.URL.Path == "/hold" {
+			held <- struct{}{}
+			<-r.Context().Done()
+			return
+		}
+		io.WriteString(w, "ok")
+	}))
+	for _, host := range []string{"svc.example", "gone.example"} {
+		if code, body := e.get(t, host, "/"); code != http.StatusOK {
+			t.Fatalf("%s: got %d %q", host, code, body)
+		}
+	}
+	// A request still in flight when the group goes ends after its series
+	// were deleted.
+	ended := make(chan int, 1)
+	go func() {
+		code, _ := e.get(t, "gone.example", "/hold")
+		ended <- code
+	}()
+	<-held
+	if err := e.srv.SetGroups([]tunnel.Group{svc}); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-ended:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the request in flight on the removed group did not end")
+	}
+
+	series := func(group string) []string {
+		families, err := reg.Gather()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, mf := range families {
+			for _, m := range mf.GetMetric() {
+				for _, l := range m.GetLabel() {
+					if l.GetName() == "group" && l.GetValue() == group {
+						out = append(out, mf.GetName())
+					}
+				}
+			}
+		}
+		return out
+	}
+	if got := series("gone"); len(got) > 0 {
+		t.Errorf("series of the removed group remain: %v", got)
+	}
+	// The kept group keeps its own.
+	if got := series("svc"); len(got) < 3 {
+		t.Errorf("series of the kept group: %v", got)
+	}
+}
+
 func TestConcurrentRequests(t *testing.T) {
 	paths(t, func(t *testing.T, p path) {
 		e := p.start(t, svc)

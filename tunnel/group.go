@@ -79,8 +79,10 @@ type group struct {
 	auth  atomic.Pointer[authBox]
 	hosts atomic.Pointer[[]string]
 
-	mu      sync.Mutex
-	removed bool
+	mu sync.Mutex
+	// removed is set under mu, so that add sees it; it is read without
+	// mu by every request's metrics.
+	removed atomic.Bool
 	// members is copied on write so that the balancer reads it without locks.
 	members atomic.Pointer[[]*member]
 	next    atomic.Uint32
@@ -108,7 +110,7 @@ func (g *group) authenticator() Authenticator {
 func (g *group) add(m *member) bool {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	if g.removed {
+	if g.removed.Load() {
 		return false
 	}
 	ms := append(slices.Clone(*g.members.Load()), m)
@@ -137,7 +139,7 @@ func (g *group) remove(m *member) bool {
 func (g *group) retire() []*member {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	g.removed = true
+	g.removed.Store(true)
 	ms := *g.members.Load()
 	g.members.Store(&[]*member{})
 	return ms
@@ -145,11 +147,7 @@ func (g *group) retire() []*member {
 
 func (g *group) size() int { return len(*g.members.Load()) }
 
-func (g *group) isRemoved() bool {
-	g.mu.Lock()
-	defer g.mu.Unlock()
-	return g.removed
-}
+func (g *group) isRemoved() bool { return g.removed.Load() }
 
 // pick chooses the live member with the fewest requests in flight, skipping
 // except. Small groups are scanned whole (see leastLoaded); large ones use

@@ -8,7 +8,7 @@ import (
 	"sync"
 	"time"
 
-	"github.com/hashicorp/golang-lru/v2/expirable"
+	"github.com/hashicorp/golang-lru/v2/simplelru"
 	"github.com/quic-go/quic-go"
 	"golang.org/x/time/rate"
 )
@@ -38,7 +38,7 @@ func (s *Server) ConnContext(ctx context.Context, info *quic.ClientInfo) (contex
 		return ctx, nil
 	}
 	if !s.allowAddr(info.RemoteAddr) {
-		s.Metrics.registration("", "rate_limited")
+		s.Metrics.registration(nil, "rate_limited")
 		return nil, errRateLimited
 	}
 	return context.WithValue(ctx, admittedKey{}, true), nil
@@ -108,21 +108,38 @@ func (s *Server) take(m *member) bool {
 // registrationLimiter throttles registrations per remote IP address (per
 // /64 for IPv6), so
 // that one misbehaving client cannot keep the server busy with TLS
-// handshakes and authentication calls. Addresses are forgotten after a
-// while of silence; the table is bounded.
+// handshakes and authentication calls. Addresses are forgotten after
+// limiterIdle of silence; the table is bounded.
 type registrationLimiter struct {
 	mu       sync.Mutex
-	limiters *expirable.LRU[netip.Addr, *rate.Limiter]
+	limiters *simplelru.LRU[netip.Addr, *addrLimiter] // the least recently seen first
 	every    rate.Limit
 	burst    int
+	now      func() time.Time // tests move time; nil is time.Now
 }
+
+// addrLimiter is the limit of one address, and when it was last asked.
+type addrLimiter struct {
+	*rate.Limiter
+	seen time.Time
+}
+
+// Bounds of the registration limiter's table.
+const (
+	maxLimitedAddrs = 65536
+	limiterIdle     = 10 * time.Minute
+)
 
 func newRegistrationLimiter(perSecond float64, burst int) *registrationLimiter {
 	if burst < 1 {
 		burst = max(1, int(perSecond))
 	}
+	limiters, err := simplelru.NewLRU[netip.Addr, *addrLimiter](maxLimitedAddrs, nil)
+	if err != nil {
+		panic(err) // only for a size below 1
+	}
 	return &registrationLimiter{
-		limiters: expirable.NewLRU[netip.Addr, *rate.Limiter](65536, nil, 10*time.Minute),
+		limiters: limiters,
 		every:    rate.Limit(perSecond),
 		burst:    burst,
 	}
@@ -133,14 +150,29 @@ func (l *registrationLimiter) allow(addr net.Addr) bool {
 	if !ok {
 		return true
 	}
+	now := time.Now()
+	if l.now != nil {
+		now = l.now()
+	}
 	l.mu.Lock()
+	// Silent addresses are forgotten here, the least recently seen first,
+	// rather than by a goroutine of the table's own, which would outlive
+	// the server.
+	for {
+		_, oldest, ok := l.limiters.GetOldest()
+		if !ok || now.Sub(oldest.seen) < limiterIdle {
+			break
+		}
+		l.limiters.RemoveOldest()
+	}
 	lim, ok := l.limiters.Get(ip)
 	if !ok {
-		lim = rate.NewLimiter(l.every, l.burst)
+		lim = &addrLimiter{Limiter: rate.NewLimiter(l.every, l.burst)}
 		l.limiters.Add(ip, lim)
 	}
+	lim.seen = now
 	l.mu.Unlock()
-	return lim.Allow()
+	return lim.AllowN(now, 1)
 }
 
 // host returns the peer that addr belongs to, as limits count them: its IP

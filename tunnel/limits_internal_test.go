@@ -4,7 +4,9 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"runtime"
 	"testing"
+	"time"
 )
 
 // The registration limit keys an IPv6 client by its /64, which one host
@@ -26,6 +28,60 @@ func TestRegistrationLimiterKeys(t *testing.T) {
 		if got := allow(c.addr); got != c.want {
 			t.Errorf("allow(%s) = %v, want %v", c.addr, got, c.want)
 		}
+	}
+}
+
+// The registration limit keeps no goroutine of its own: one would outlive
+// the server, for good, once per server a process starts.
+func TestRegistrationLimiterOutlivesNoServer(t *testing.T) {
+	addr := net.UDPAddrFromAddrPort(netip.MustParseAddrPort("192.0.2.1:1000"))
+	const servers = 20
+	before := runtime.NumGoroutine()
+	for range servers {
+		s := &Server{RegistrationRate: 1}
+		s.allowAddr(addr)
+		if err := s.Close(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Other tests' goroutines may still be ending: a few more than before
+	// are theirs, one per server would be the limiters'.
+	deadline := time.Now().Add(5 * time.Second)
+	for n := runtime.NumGoroutine(); n > before+servers/4; n = runtime.NumGoroutine() {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d goroutines after %d servers with a registration limit came and went, %d before", n, servers, before)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+// An address silent for limiterIdle is forgotten, so that the table does
+// not keep every address that ever registered; one that keeps coming
+// keeps its state.
+func TestRegistrationLimiterForgetsSilentAddresses(t *testing.T) {
+	now := time.Unix(1000, 0)
+	l := newRegistrationLimiter(0.001, 1)
+	l.now = func() time.Time { return now }
+	allow := func(s string) bool { return l.allow(net.UDPAddrFromAddrPort(netip.MustParseAddrPort(s))) }
+	for i := range 100 {
+		if !allow(fmt.Sprintf("192.0.2.%d:1000", i)) {
+			t.Fatalf("first registration of address %d refused", i)
+		}
+	}
+	now = now.Add(limiterIdle / 2)
+	if allow("192.0.2.7:1000") {
+		t.Fatal("a second registration within the limit's period went through")
+	}
+	now = now.Add(limiterIdle/2 + time.Second)
+	if !allow("192.0.2.8:1000") {
+		t.Fatal("an address silent for limiterIdle is still limited")
+	}
+	// 192.0.2.7 was seen half a period ago; the others are gone.
+	if n := l.limiters.Len(); n != 2 {
+		t.Fatalf("%d addresses in the table, want 2", n)
+	}
+	if allow("192.0.2.7:1000") {
+		t.Fatal("an address that kept coming lost its state")
 	}
 }
 

@@ -10,8 +10,8 @@ import (
 
 // Metrics are the server's Prometheus metrics. Group labels only ever hold
 // configured group names (or "" for requests and registrations that match
-// no group), never raw visitor or client input. A nil *Metrics records
-// nothing.
+// no group), never raw visitor or client input, and a group's series go
+// when a reload removes it. A nil *Metrics records nothing.
 type Metrics struct {
 	registrations *prometheus.CounterVec
 	members       *prometheus.GaugeVec
@@ -54,11 +54,14 @@ func NewMetrics(reg prometheus.Registerer) *Metrics {
 	return m
 }
 
-func (m *Metrics) registration(group, result string) {
-	if m == nil {
+// registration counts a registration of g, nil when it named no known
+// group.
+func (m *Metrics) registration(g *group, result string) {
+	if m == nil || !live(g) {
 		return
 	}
-	m.registrations.WithLabelValues(group, result).Inc()
+	m.registrations.WithLabelValues(label(g), result).Inc()
+	m.recheck(g)
 }
 
 // setMembers sets g's member gauge to its size. Joins and leaves race to
@@ -76,22 +79,57 @@ func (m *Metrics) setMembers(g *group) {
 	m.members.WithLabelValues(g.name).Set(float64(g.size()))
 }
 
-// groupRemoved deletes the member gauge of g, which retire marked removed.
+// groupRemoved deletes the series of g, which retire marked removed: a
+// reload that drops groups for good (one per preview environment, say)
+// must not leave theirs behind.
 func (m *Metrics) groupRemoved(g *group) {
 	if m == nil {
 		return
 	}
 	m.membersMu.Lock()
-	defer m.membersMu.Unlock()
 	m.members.DeleteLabelValues(g.name)
+	m.membersMu.Unlock()
+	m.forget(g.name)
 }
 
-func (m *Metrics) request(group string, status int, d time.Duration) {
-	if m == nil {
+// forget deletes the request and registration series of a removed group.
+func (m *Metrics) forget(name string) {
+	labels := prometheus.Labels{"group": name}
+	m.requests.DeletePartialMatch(labels)
+	m.latency.DeleteLabelValues(name)
+	m.registrations.DeletePartialMatch(labels)
+}
+
+// live reports whether g's series may be recorded. Those of a removed
+// group were deleted, and a request or registration of it that ends
+// afterwards (its members are closed then, failing what they had in
+// flight) must not bring them back. A nil g, no group, is always live.
+func live(g *group) bool { return g == nil || !g.isRemoved() }
+
+// recheck deletes again the series of g, just recorded, if g was removed
+// meanwhile, after groupRemoved had run.
+func (m *Metrics) recheck(g *group) {
+	if !live(g) {
+		m.forget(g.name)
+	}
+}
+
+// label is the group label of g: "" for no group.
+func label(g *group) string {
+	if g == nil {
+		return ""
+	}
+	return g.name
+}
+
+// request counts a frontend request of g, nil when it matched no group.
+func (m *Metrics) request(g *group, status int, d time.Duration) {
+	if m == nil || !live(g) {
 		return
 	}
-	m.requests.WithLabelValues(group, statusClass(status)).Inc()
-	m.latency.WithLabelValues(group).Observe(d.Seconds())
+	m.requests.WithLabelValues(label(g), statusClass(status)).Inc()
+	m.latency.WithLabelValues(label(g)).Observe(d.Seconds())
+	m.recheck(g)
 }
 
 func (m *Metrics) dataConn(result string) {

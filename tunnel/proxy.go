@@ -54,13 +54,14 @@ func (s *Server) maxResponseHeaderBytes() int {
 // 502, a group without members 503, each with a short text body.
 func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
-	group, status := "", 0
+	var g *group
+	status := 0
 	defer func() {
 		// Deferred, so that a response cut short (a panic with
 		// http.ErrAbortHandler) is counted too.
 		d := time.Since(start)
-		s.Metrics.request(group, status, d)
-		s.logRequest(r, group, status, d)
+		s.Metrics.request(g, status, d)
+		s.logRequest(r, label(g), status, d)
 	}()
 	if !httpguts.ValidHeaderFieldName(r.Method) {
 		// Go's HTTP/2 server takes any :method, spaces included, where
@@ -81,13 +82,12 @@ func (s *Server) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		textError(w, "reverst: invalid host\n", status)
 		return
 	}
-	g := s.table.Load().lookupHost(groups.NormalizeHost(host))
+	g = s.table.Load().lookupHost(groups.NormalizeHost(host))
 	if g == nil {
 		status = http.StatusBadGateway
 		textError(w, bodyUnknownHost, status)
 		return
 	}
-	group = g.name
 	if isUpgrade(r) {
 		status = s.serveUpgrade(w, r, g)
 		return

@@ -21,18 +21,14 @@ func (s *Server) handle(conn *quic.Conn) {
 	g, m, stream, req, err := s.register(conn)
 	if err != nil {
 		code, reason, result := closeFor(err)
-		group := ""
-		if g != nil {
-			group = g.name
-		}
-		s.Metrics.registration(group, result)
-		log.Warn("registration refused", "group", group, "reason", reason, "error", err)
+		s.Metrics.registration(g, result)
+		log.Warn("registration refused", "group", label(g), "reason", reason, "error", err)
 		_ = conn.CloseWithError(code, reason)
 		return
 	}
 
 	defer s.dropData(m)
-	s.Metrics.registration(g.name, "ok")
+	s.Metrics.registration(g, "ok")
 	s.Metrics.setMembers(g)
 	log.Info("member registered", "group", g.name, "members", g.size())
 	go s.control(stream, m, log.With("group", g.name))

@@ -198,7 +198,7 @@ func (s *Server) Serve(ln *quic.Listener) error {
 			return fmt.Errorf("tunnel: accepting connections: %w", err)
 		}
 		if conn.Context().Value(admittedKey{}) == nil && !s.allowAddr(conn.RemoteAddr()) {
-			s.Metrics.registration("", "rate_limited")
+			s.Metrics.registration(nil, "rate_limited")
 			_ = conn.CloseWithError(protocol.CodeServerError, "too many registrations")
 			continue
 		}
