@@ -305,18 +305,7 @@ func TestDroppedIdleDataConnectionsReleased(t *testing.T) {
 	// server has pooled it.
 	dial := func(n int) net.Conn {
 		t.Helper()
-		c, err := tls.Dial("tcp", e.dataAddr, &tls.Config{RootCAs: e.roots, ServerName: "localhost", NextProtos: []string{protocol.DataALPN}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		if err := protocol.WriteDataHello(c, resp.Metadata[protocol.MetadataData]); err != nil {
-			t.Fatal(err)
-		}
-		var ok [1]byte
-		if _, err := io.ReadFull(c, ok[:]); err != nil || ok[0] != protocol.DataOK {
-			t.Fatalf("data hello: %v", err)
-		}
+		c := dialData(t, e, resp.Metadata[protocol.MetadataData])
 		deadline := time.Now().Add(5 * time.Second)
 		for testutil.ToFloat64(dataConnsMetric(t, reg, "ok")) < float64(n) {
 			if time.Now().After(deadline) {

@@ -55,38 +55,7 @@ func TestSilentDataConnectionsHoldNoBuffer(t *testing.T) {
 // on which answer writes the response to every request.
 func rawDataMember(t *testing.T, e *env, answer string) {
 	t.Helper()
-	_, _, resp := e.registerRaw(t, "svc", map[string]string{protocol.MetadataData: protocol.DataHTTP1}, &quic.Config{MaxIdleTimeout: 10 * time.Second, KeepAlivePeriod: time.Second})
-	e.waitMembers(t, "svc", func(n int) bool { return n == 1 })
-	c, err := tls.Dial("tcp", e.dataAddr, &tls.Config{RootCAs: e.roots, ServerName: "localhost", NextProtos: []string{protocol.DataALPN}})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { c.Close() })
-	if err := protocol.WriteDataHello(c, resp.Metadata[protocol.MetadataData]); err != nil {
-		t.Fatal(err)
-	}
-	var ok [1]byte
-	if _, err := io.ReadFull(c, ok[:]); err != nil || ok[0] != protocol.DataOK {
-		t.Fatalf("data hello: %v", err)
-	}
-	go func() {
-		br := bufio.NewReader(c)
-		for {
-			req, err := http.ReadRequest(br)
-			if err != nil {
-				return
-			}
-			io.Copy(io.Discard, req.Body)
-			io.WriteString(c, answer)
-		}
-	}()
-	deadline := time.Now().Add(5 * time.Second)
-	for n := e.dataConns("svc"); len(n) != 1 || n[0] != 1; n = e.dataConns("svc") {
-		if time.Now().After(deadline) {
-			t.Fatalf("data connections: %v", n)
-		}
-		time.Sleep(10 * time.Millisecond)
-	}
+	rawDataConns(t, e, 1, answerEach(func(c net.Conn, _ *http.Request) { io.WriteString(c, answer) }))
 }
 
 // rawH3Member registers a hand-made member on QUIC only that answers every
@@ -188,19 +157,7 @@ func rawDataConns(t *testing.T, e *env, n int, serve func(c net.Conn)) {
 	_, _, resp := e.registerRaw(t, "svc", map[string]string{protocol.MetadataData: protocol.DataHTTP1}, &quic.Config{MaxIdleTimeout: 10 * time.Second, KeepAlivePeriod: time.Second})
 	e.waitMembers(t, "svc", func(n int) bool { return n == 1 })
 	for range n {
-		c, err := tls.Dial("tcp", e.dataAddr, &tls.Config{RootCAs: e.roots, ServerName: "localhost", NextProtos: []string{protocol.DataALPN}})
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { c.Close() })
-		if err := protocol.WriteDataHello(c, resp.Metadata[protocol.MetadataData]); err != nil {
-			t.Fatal(err)
-		}
-		var ok [1]byte
-		if _, err := io.ReadFull(c, ok[:]); err != nil || ok[0] != protocol.DataOK {
-			t.Fatalf("data hello: %v", err)
-		}
-		go serve(c)
+		go serve(dialData(t, e, resp.Metadata[protocol.MetadataData]))
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for got := e.dataConns("svc"); len(got) != 1 || got[0] != n; got = e.dataConns("svc") {
@@ -209,6 +166,25 @@ func rawDataConns(t *testing.T, e *env, n int, serve func(c net.Conn)) {
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
+}
+
+// dialData opens a data connection with token and returns it once the
+// server has taken its hello.
+func dialData(t *testing.T, e *env, token string) net.Conn {
+	t.Helper()
+	c, err := tls.Dial("tcp", e.dataAddr, &tls.Config{RootCAs: e.roots, ServerName: "localhost", NextProtos: []string{protocol.DataALPN}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if err := protocol.WriteDataHello(c, token); err != nil {
+		t.Fatal(err)
+	}
+	var ok [1]byte
+	if _, err := io.ReadFull(c, ok[:]); err != nil || ok[0] != protocol.DataOK {
+		t.Fatalf("data hello: %v", err)
+	}
+	return c
 }
 
 // answerEach serves a data connection by reading requests and having
