@@ -212,11 +212,13 @@ func TestLateUnaskedBytesNotReadAsNextAnswer(t *testing.T) {
 	for _, method := range []string{http.MethodGet, http.MethodPost} {
 		t.Run(method, func(t *testing.T) {
 			e := startServer(t, svc)
+			late := make(chan struct{})
 			rawDataConns(t, e, 2, answerEach(func(c net.Conn, req *http.Request) {
 				if req.URL.Path == "/first" {
 					io.WriteString(c, "HTTP/1.1 204 No Content\r\n\r\n")
 					time.Sleep(20 * time.Millisecond)
 					io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED")
+					close(late)
 					return
 				}
 				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
@@ -224,7 +226,12 @@ func TestLateUnaskedBytesNotReadAsNextAnswer(t *testing.T) {
 			if code, _ := e.get(t, "svc.example", "/first"); code != http.StatusNoContent {
 				t.Fatalf("first: %d", code)
 			}
-			time.Sleep(100 * time.Millisecond) // the late bytes arrive
+			select {
+			case <-late:
+			case <-time.After(5 * time.Second):
+				t.Fatal("the member did not send its late bytes")
+			}
+			time.Sleep(20 * time.Millisecond) // they cross the loopback
 			res := e.do(t, e.newRequest(t, t.Context(), method, "/next", nil))
 			if body, _ := io.ReadAll(res.Body); string(body) != "second" {
 				t.Fatalf("next visitor got %d %q, the bytes the member sent after the first answer", res.StatusCode, body)

@@ -45,11 +45,13 @@ func (s *Server) serveUpgrade(w http.ResponseWriter, r *http.Request, g *group) 
 	out := r.Clone(context.Background())
 	// The visitor's hop-by-hop headers (Proxy-Authorization, what its
 	// Connection lists) end here, as in any request; only the upgrade's
-	// own two go on, as httputil.ReverseProxy sends them.
+	// own two go on, as httputil.ReverseProxy sends them. A "close" it
+	// listed would come back from Write as a Connection header of its own.
 	protocols := out.Header.Values("Upgrade")
 	removeHopByHop(out.Header)
 	out.Header["Connection"] = []string{"Upgrade"}
 	out.Header["Upgrade"] = protocols
+	out.Close = false
 	s.setForwarded(out.Header, r)
 
 	visitor, buf, err := http.NewResponseController(w).Hijack()

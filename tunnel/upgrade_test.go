@@ -178,6 +178,36 @@ func TestUpgradeDropsHopByHopHeaders(t *testing.T) {
 	}
 }
 
+// The Connection header a visitor sends with its upgrade, whatever else
+// it lists, reaches the member as the one value Upgrade, and every
+// Upgrade value as sent: "close" among them must not come back as a
+// Connection header of its own, first of two.
+func TestUpgradeConnectionHeaderVariants(t *testing.T) {
+	e := startServer(t, svc)
+	seen := make(chan http.Header, 1)
+	e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		seen <- r.Header.Clone()
+		w.WriteHeader(http.StatusForbidden)
+	}))
+	for _, conn := range []string{"keep-alive, Upgrade", "close, Upgrade", "Upgrade\r\nConnection: close"} {
+		c := e.dialFrontend(t)
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(c, "GET /ws HTTP/1.1\r\nHost: svc.example\r\nConnection: "+conn+"\r\nUpgrade: websocket\r\nUpgrade: other/1\r\n\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		h := <-seen
+		if got := h.Values("Connection"); len(got) != 1 || got[0] != "Upgrade" {
+			t.Errorf("Connection: %q: member got Connection %q, want [Upgrade]", conn, got)
+		}
+		if got := h.Values("Upgrade"); len(got) != 2 || got[0] != "websocket" || got[1] != "other/1" {
+			t.Errorf("Connection: %q: member got Upgrade %q", conn, got)
+		}
+	}
+}
+
 // An upgrade to a group whose members are all busy gets the busy answer,
 // with its Retry-After, like any request.
 func TestUpgradeToBusyGroup(t *testing.T) {
