@@ -149,25 +149,35 @@ func TestRefusedUpgradeEndsConnection(t *testing.T) {
 	}
 }
 
-// The visitor's hop-by-hop headers stop at the server on an upgrade too;
-// the upgrade's own Connection and Upgrade reach the member.
-func TestUpgradeDropsHopByHopHeaders(t *testing.T) {
+// upgradeHeaders starts a server whose member refuses upgrades, and
+// returns a function that sends it the raw upgrade request head (up to the
+// last header line's CRLF) and returns the header the member got.
+func upgradeHeaders(t *testing.T) func(head string) http.Header {
 	e := startServer(t, svc)
 	seen := make(chan http.Header, 1)
 	e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		seen <- r.Header.Clone()
 		w.WriteHeader(http.StatusForbidden)
 	}))
-	c := e.dialFrontend(t)
-	c.SetDeadline(time.Now().Add(5 * time.Second))
-	io.WriteString(c, "GET /ws HTTP/1.1\r\nHost: svc.example\r\nConnection: Upgrade, X-Hop\r\nUpgrade: websocket\r\n"+
-		"X-Hop: 1\r\nProxy-Authorization: Basic dmlzaXRvcjpzZWNyZXQ=\r\nKeep-Alive: timeout=5\r\nX-End: 1\r\n\r\n")
-	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-	if err != nil {
-		t.Fatal(err)
+	return func(head string) http.Header {
+		t.Helper()
+		c := e.dialFrontend(t)
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		io.WriteString(c, head+"\r\n")
+		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		return <-seen
 	}
-	resp.Body.Close()
-	h := <-seen
+}
+
+// The visitor's hop-by-hop headers stop at the server on an upgrade too;
+// the upgrade's own Connection and Upgrade reach the member.
+func TestUpgradeDropsHopByHopHeaders(t *testing.T) {
+	h := upgradeHeaders(t)("GET /ws HTTP/1.1\r\nHost: svc.example\r\nConnection: Upgrade, X-Hop\r\nUpgrade: websocket\r\n" +
+		"X-Hop: 1\r\nProxy-Authorization: Basic dmlzaXRvcjpzZWNyZXQ=\r\nKeep-Alive: timeout=5\r\nX-End: 1\r\n")
 	for _, k := range []string{"X-Hop", "Proxy-Authorization", "Keep-Alive"} {
 		if v, ok := h[k]; ok {
 			t.Errorf("member got %s: %q", k, v)
@@ -183,22 +193,9 @@ func TestUpgradeDropsHopByHopHeaders(t *testing.T) {
 // Upgrade value as sent: "close" among them must not come back as a
 // Connection header of its own, first of two.
 func TestUpgradeConnectionHeaderVariants(t *testing.T) {
-	e := startServer(t, svc)
-	seen := make(chan http.Header, 1)
-	e.serve(t, "svc", http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		seen <- r.Header.Clone()
-		w.WriteHeader(http.StatusForbidden)
-	}))
+	send := upgradeHeaders(t)
 	for _, conn := range []string{"keep-alive, Upgrade", "close, Upgrade", "Upgrade\r\nConnection: close"} {
-		c := e.dialFrontend(t)
-		c.SetDeadline(time.Now().Add(5 * time.Second))
-		io.WriteString(c, "GET /ws HTTP/1.1\r\nHost: svc.example\r\nConnection: "+conn+"\r\nUpgrade: websocket\r\nUpgrade: other/1\r\n\r\n")
-		resp, err := http.ReadResponse(bufio.NewReader(c), nil)
-		if err != nil {
-			t.Fatal(err)
-		}
-		resp.Body.Close()
-		h := <-seen
+		h := send("GET /ws HTTP/1.1\r\nHost: svc.example\r\nConnection: " + conn + "\r\nUpgrade: websocket\r\nUpgrade: other/1\r\n")
 		if got := h.Values("Connection"); len(got) != 1 || got[0] != "Upgrade" {
 			t.Errorf("Connection: %q: member got Connection %q, want [Upgrade]", conn, got)
 		}
