@@ -376,3 +376,47 @@ func TestDataServerCancelsWhenConnectionCloses(t *testing.T) {
 		}
 	}
 }
+
+// The watch timer is armed by the first of a run of requests, not by each:
+// a long handler that starts while it is pending, armed by an earlier
+// quick request, or after it found the connection idle, still learns that
+// the connection closed.
+func TestDataServerWatchesAfterQuickRequests(t *testing.T) {
+	for _, gap := range []time.Duration{0, watchAfter / 2, watchAfter - time.Millisecond, 2 * watchAfter} {
+		t.Run(gap.String(), func(t *testing.T) {
+			t.Parallel()
+			started, cancelled := make(chan struct{}), make(chan bool, 1)
+			c := dialDataServer(t, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+				if r.URL.Path == "/quick" {
+					io.WriteString(w, "ok")
+					return
+				}
+				close(started)
+				select {
+				case <-r.Context().Done():
+					cancelled <- true
+				case <-time.After(5 * time.Second):
+					cancelled <- false
+				}
+			}))
+			br := bufio.NewReader(c)
+			for range 3 {
+				io.WriteString(c, "GET /quick HTTP/1.1\r\nHost: svc.example\r\n\r\n")
+				resp, err := http.ReadResponse(br, nil)
+				if err != nil {
+					t.Fatal(err)
+				}
+				io.Copy(io.Discard, resp.Body)
+				resp.Body.Close()
+			}
+			time.Sleep(gap)
+			io.WriteString(c, "GET /wait HTTP/1.1\r\nHost: svc.example\r\n\r\n")
+			<-started
+			time.Sleep(2 * watchAfter)
+			c.Close()
+			if !<-cancelled {
+				t.Fatal("the handler's context was not cancelled when its connection closed")
+			}
+		})
+	}
+}
