@@ -8,6 +8,8 @@ import (
 	"net"
 	"net/http"
 	"sync"
+
+	"github.com/reverst-dev/reverst/internal/rawsock"
 )
 
 // frontend is a public listener of the tunnel server, where visitors come.
@@ -20,11 +22,14 @@ type frontend struct {
 
 func (f frontend) serve(logger *slog.Logger) error {
 	logger.Info("serving "+f.name, "address", f.ln.Addr().String())
+	// A visitor's request and its answer cross the listener's connections:
+	// raw system calls spare each a wake of the runtime's monitor.
+	ln := rawsock.Listener{Listener: f.ln}
 	var err error
 	if f.tls {
-		err = f.srv.ServeTLS(f.ln, "", "")
+		err = f.srv.ServeTLS(ln, "", "")
 	} else {
-		err = f.srv.Serve(f.ln)
+		err = f.srv.Serve(ln)
 	}
 	if errors.Is(err, http.ErrServerClosed) {
 		return nil

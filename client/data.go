@@ -13,6 +13,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/reverst-dev/reverst/internal/rawsock"
 	"github.com/reverst-dev/reverst/protocol"
 )
 
@@ -246,7 +247,10 @@ func (d *dataConns) dial(ctx context.Context) (*batchedTLS, error) {
 	if err != nil {
 		return nil, fmt.Errorf("dialing data connection: %w", err)
 	}
-	cc := &coalescingConn{Conn: raw, pool: d.pool}
+	// Raw system calls: each request crosses the connection twice, and
+	// the runtime's own would wake its monitor thread each time the member
+	// had fallen idle (see rawsock).
+	cc := &coalescingConn{Conn: rawsock.Wrap(raw), pool: d.pool}
 	tc := tls.Client(cc, d.conf)
 	if deadline, ok := ctx.Deadline(); ok {
 		_ = tc.SetDeadline(deadline)

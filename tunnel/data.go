@@ -14,6 +14,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/reverst-dev/reverst/internal/rawsock"
 	"github.com/reverst-dev/reverst/protocol"
 )
 
@@ -561,7 +562,8 @@ var errHeaderTooLarge = errors.New("member's response header too large")
 // connections hold none; where the socket can be read directly, it is
 // borrowed only once there is something to read, so that a connection
 // waiting for its peer (a hello not yet sent, a member thinking, a stream
-// between two events) holds none either.
+// between two events) holds none either. Reads and writes of the socket are
+// raw system calls (see rawsock): each request crosses it twice.
 type readBatcher struct {
 	net.Conn
 	rc   syscall.RawConn // nil where the socket cannot be read directly
@@ -574,7 +576,7 @@ type readBatcher struct {
 const readBatchSize = 256 << 10
 
 func newReadBatcher(c net.Conn, pool *sync.Pool) *readBatcher {
-	b := &readBatcher{Conn: c, pool: pool}
+	b := &readBatcher{Conn: rawsock.Wrap(c), pool: pool}
 	if sc, ok := c.(syscall.Conn); ok && canReadRaw {
 		if rc, err := sc.SyscallConn(); err == nil {
 			b.rc = rc

@@ -7,6 +7,8 @@ import (
 	"net"
 	"os"
 	"syscall"
+
+	"github.com/reverst-dev/reverst/internal/rawsock"
 )
 
 const canReadRaw = true
@@ -15,11 +17,11 @@ const canReadRaw = true
 // for a read that does not have to wait. Deadlines apply as on the conn.
 func (b *readBatcher) readRaw() (int, error) {
 	var n int
-	var rerr error
+	var errno syscall.Errno
 	err := b.rc.Read(func(fd uintptr) bool {
 		b.borrow()
-		n, rerr = syscall.Read(int(fd), *b.buf)
-		if rerr == syscall.EAGAIN || rerr == syscall.EWOULDBLOCK || rerr == syscall.EINTR {
+		n, errno = rawsock.Read(fd, *b.buf)
+		if errno == syscall.EAGAIN {
 			b.release()
 			return false // wait until readable, then call again
 		}
@@ -28,8 +30,8 @@ func (b *readBatcher) readRaw() (int, error) {
 	switch {
 	case err != nil: // a deadline passed, or the conn was closed
 		return 0, err
-	case rerr != nil:
-		return 0, &net.OpError{Op: "read", Net: "tcp", Source: b.LocalAddr(), Addr: b.RemoteAddr(), Err: os.NewSyscallError("read", rerr)}
+	case errno != 0:
+		return 0, &net.OpError{Op: "read", Net: "tcp", Source: b.LocalAddr(), Addr: b.RemoteAddr(), Err: os.NewSyscallError("read", errno)}
 	case n == 0:
 		return 0, io.EOF
 	}
