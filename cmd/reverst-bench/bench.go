@@ -207,12 +207,18 @@ func measureLoad(ctx context.Context, cfg *config, log *slog.Logger, f *files, b
 				return err
 			}
 		}
-		// The reference hops sit between the two, so that they see the
-		// same drift.
-		for _, i := range []int{order[0], relay, proxy, order[1]} {
-			if rd.lat[i], err = latency(ctx, targets[i], pathSmall, int64(cfg.smallSize), cfg.warmup, cfg.latDur); err != nil {
-				return err
-			}
+		// The reference hops take their turns between the two.
+		turns := []int{order[0], relay, proxy, order[1]}
+		var ts []target
+		for _, i := range turns {
+			ts = append(ts, targets[i])
+		}
+		lat, err := latencies(ctx, ts, pathSmall, int64(cfg.smallSize), cfg.warmup, cfg.latDur)
+		if err != nil {
+			return err
+		}
+		for k, i := range turns {
+			rd.lat[i] = lat[k]
 		}
 		log.Info("round done", "round", r+1, "of", cfg.rounds,
 			"small_req_s", fmt.Sprintf("%.0f/%.0f", rd.small[direct].load.reqPerSec(), rd.small[tunnel].load.reqPerSec()),

@@ -143,43 +143,64 @@ func fetch(tr *http.Transport, req *http.Request, buf []byte, want int64) (int64
 	return n, nil
 }
 
-// latencyResult is one sequential run on a single connection.
+// latencyResult is what one target gave in a latency run: its requests
+// were sequential on a single connection.
 type latencyResult struct {
 	n        int
 	p50, p99 time.Duration
 }
 
-// latency sends requests for path one after the other on one keep-alive
-// connection for d and returns the percentiles of their durations (from
-// sending to the end of the body).
-func latency(ctx context.Context, t target, path string, want int64, warmup, d time.Duration) (latencyResult, error) {
-	tr := newTransport(1)
-	defer tr.CloseIdleConnections()
-	req, err := newRequest(ctx, t, path)
-	if err != nil {
-		return latencyResult{}, err
+// latencyTurn is how many requests in a row one target gets in a latency
+// run before the next target's turn.
+const latencyTurn = 50
+
+// latencies sends requests for path one after the other to each of ts on
+// its own keep-alive connection, the targets taking turns of latencyTurn
+// requests, until each has had about d; it returns the percentiles of each
+// target's request durations (from sending to the end of the body), in the
+// order of ts. Turns this short let every target see the same machine: on
+// a shared VM, runs of two seconds one after the other differed by 30 µs
+// and more, which hid any change to the tunnel smaller than that.
+func latencies(ctx context.Context, ts []target, path string, want int64, warmup, d time.Duration) ([]latencyResult, error) {
+	trs := make([]*http.Transport, len(ts))
+	reqs := make([]*http.Request, len(ts))
+	samples := make([][]time.Duration, len(ts))
+	for i, t := range ts {
+		trs[i] = newTransport(1)
+		defer trs[i].CloseIdleConnections()
+		var err error
+		if reqs[i], err = newRequest(ctx, t, path); err != nil {
+			return nil, err
+		}
+		samples[i] = make([]time.Duration, 0, 1<<16)
 	}
 	buf := make([]byte, 64<<10)
-	for end := time.Now().Add(warmup); time.Now().Before(end); {
-		if _, err := fetch(tr, req, buf, want); err != nil {
-			return latencyResult{}, fmt.Errorf("%s warm-up: %w", t.name, err)
+	for i, t := range ts {
+		for end := time.Now().Add(warmup); time.Now().Before(end); {
+			if _, err := fetch(trs[i], reqs[i], buf, want); err != nil {
+				return nil, fmt.Errorf("%s warm-up: %w", t.name, err)
+			}
 		}
 	}
-	samples := make([]time.Duration, 0, 1<<16)
-	for end := time.Now().Add(d); time.Now().Before(end); {
-		if ctx.Err() != nil {
-			return latencyResult{}, ctx.Err()
+	for end := time.Now().Add(time.Duration(len(ts)) * d); time.Now().Before(end); {
+		for i, t := range ts {
+			for range latencyTurn {
+				if ctx.Err() != nil {
+					return nil, ctx.Err()
+				}
+				t0 := time.Now()
+				if _, err := fetch(trs[i], reqs[i], buf, want); err != nil {
+					return nil, fmt.Errorf("%s: %w", t.name, err)
+				}
+				samples[i] = append(samples[i], time.Since(t0))
+			}
 		}
-		t0 := time.Now()
-		if _, err := fetch(tr, req, buf, want); err != nil {
-			return latencyResult{}, fmt.Errorf("%s: %w", t.name, err)
-		}
-		samples = append(samples, time.Since(t0))
 	}
-	if len(samples) == 0 {
-		return latencyResult{}, fmt.Errorf("%s: no sample", t.name)
+	res := make([]latencyResult, len(ts))
+	for i, s := range samples {
+		slices.Sort(s)
+		pct := func(p float64) time.Duration { return s[min(len(s)-1, int(p*float64(len(s))))] }
+		res[i] = latencyResult{n: len(s), p50: pct(0.50), p99: pct(0.99)}
 	}
-	slices.Sort(samples)
-	pct := func(p float64) time.Duration { return samples[min(len(samples)-1, int(p*float64(len(samples))))] }
-	return latencyResult{n: len(samples), p50: pct(0.50), p99: pct(0.99)}, nil
+	return res, nil
 }

@@ -17,7 +17,9 @@
 // The latency rounds also measure the backend through two reference hops:
 // a bare TCP relay process, what any extra process in the path costs on
 // this machine, and the standard library's httputil.ReverseProxy, what an
-// idiomatic Go HTTP proxy costs.
+// idiomatic Go HTTP proxy costs. The four targets of a latency round
+// (direct, tunnel and the two hops) take turns of 50 sequential requests,
+// each on its own connection, so that all see the same machine.
 //
 // A second, fresh server then takes 1,000 idle registrations from a third
 // process, to measure the memory a tunnel costs.
@@ -127,7 +129,7 @@ func parseConfig(args []string, out io.Writer) (*config, error) {
 	fs.IntVar(&c.bigSize, "big-size", 1<<20, "large response body size in bytes")
 	fs.DurationVar(&c.smallDur, "small", 4*time.Second, "duration of each small-body run")
 	fs.DurationVar(&c.bigDur, "big", 4*time.Second, "duration of each large-body run")
-	fs.DurationVar(&c.latDur, "lat", 2*time.Second, "duration of each sequential latency run")
+	fs.DurationVar(&c.latDur, "lat", 2*time.Second, "time each target gets in a latency round (the four take turns)")
 	fs.DurationVar(&c.warmup, "warmup", 500*time.Millisecond, "unmeasured warm-up before each run")
 	fs.IntVar(&c.members, "members", 2, "tunnel members (client.Server registrations) serving the load")
 	fs.IntVar(&c.idle, "idle", 1000, "idle tunnels registered for the memory measurement (0 skips it)")

@@ -144,7 +144,7 @@ func (r *report) write(out io.Writer) {
 	}
 	fmt.Fprintf(out, "reverst-bench: %d rounds (direct/tunnel alternated), small body %d B at %d connections, %s body at %d connections, %d tunnel members (%s), %d CPUs, %s\n",
 		c.rounds, c.smallSize, c.concurrency, mib(int64(c.bigSize)), c.bigConcurrency, c.members, transport, runtime.NumCPU(), runtime.Version())
-	fmt.Fprintf(out, "runs: small %s, large %s, latency %s, warm-up %s; every figure is min / median / max over the rounds\n\n", c.smallDur, c.bigDur, c.latDur, c.warmup)
+	fmt.Fprintf(out, "runs: small %s, large %s, latency %s per target in turns of %d requests, warm-up %s; every figure is min / median / max over the rounds\n\n", c.smallDur, c.bigDur, c.latDur, latencyTurn, c.warmup)
 
 	tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
 	fmt.Fprintf(tw, "measurement\tdirect\ttunnel\ttunnel/direct\n")
