@@ -46,7 +46,9 @@ func Main(ctx context.Context, args []string, stderr io.Writer) int {
 	}
 	level, _ := cfg.level()
 	logger := slog.New(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: level}))
-	if err := Run(ctx, cfg, logger); err != nil {
+	// The process is the server's alone: its parallelism may follow the
+	// load (see procGovernor).
+	if err := run(ctx, cfg, logger, true); err != nil {
 		logger.Error("reverst stopped", "error", err)
 		if errors.Is(err, ErrUsage) {
 			// A setting found wrong only once used, such as a groups
@@ -61,6 +63,11 @@ func Main(ctx context.Context, args []string, stderr io.Writer) int {
 // Run starts the server described by cfg and supervises it until ctx is
 // done (a clean stop, nil) or one of its tasks fails (that error).
 func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
+	return run(ctx, cfg, logger, false)
+}
+
+// run is Run; with govern, GOMAXPROCS follows the frontends' load.
+func run(ctx context.Context, cfg *Config, logger *slog.Logger, govern bool) error {
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	// When the certificate served expires, read from the files on scrape
@@ -172,9 +179,16 @@ func Run(ctx context.Context, cfg *Config, logger *slog.Logger) error {
 		return fmt.Errorf("%s %q: %w", name("http-address"), cfg.HTTPAddress, err)
 	}
 	defer frontendLn.Close()
+	var meter loadMeter
+	var handler http.Handler = srv
+	if govern {
+		handler = meter.wrap(srv)
+		stop := governParallelism(&meter, logger)
+		defer stop()
+	}
 	newFrontend := func() *http.Server {
 		return &http.Server{
-			Handler:           srv,
+			Handler:           handler,
 			ReadHeaderTimeout: 10 * time.Second,
 			IdleTimeout:       2 * time.Minute,
 			MaxHeaderBytes:    cfg.MaxHeaderBytes,
