@@ -68,7 +68,7 @@ func (g *procGovernor) observe(cores float64, started, overlapping uint64) {
 }
 
 // loadMeter counts the requests a handler takes, and those that start
-// while another is in flight.
+// while another is in flight or stay in flight with others.
 type loadMeter struct {
 	inFlight             atomic.Int64
 	started, overlapping atomic.Uint64
@@ -85,9 +85,16 @@ func (m *loadMeter) wrap(h http.Handler) http.Handler {
 	})
 }
 
-// take returns the counts since the last take.
+// take returns the counts since the last take. Requests still in flight
+// together count as well, as overlapping: long ones (a download, a
+// stream, a WebSocket) start in one interval and load many.
 func (m *loadMeter) take() (started, overlapping uint64) {
-	return m.started.Swap(0), m.overlapping.Swap(0)
+	started, overlapping = m.started.Swap(0), m.overlapping.Swap(0)
+	if n := m.inFlight.Load(); n > 1 {
+		started += uint64(n)
+		overlapping += uint64(n - 1)
+	}
+	return started, overlapping
 }
 
 // governParallelism starts following the load of the requests m counts
@@ -123,8 +130,11 @@ func governParallelism(m *loadMeter, logger *slog.Logger) (stop func()) {
 			select {
 			case <-done:
 				return
-			case now := <-tick.C:
+			case <-tick.C:
+				// Read when the goroutine runs, not when the tick was
+				// due: on a saturated P the two differ.
 				cpu, _ := processCPU()
+				now := time.Now()
 				started, overlapping := m.take()
 				g.observe((cpu-last).Seconds()/now.Sub(lastAt).Seconds(), started, overlapping)
 				last, lastAt = cpu, now

@@ -105,3 +105,40 @@ func TestLoadMeter(t *testing.T) {
 		t.Fatalf("concurrent: %d started, %d overlapping; want %d, %d", started, overlapping, n, n-1)
 	}
 }
+
+// Long requests in flight together (downloads, streams, WebSockets)
+// overlap in every interval they span, not only in the one where they
+// started: a server on one P whose only load is such requests gets its Ps
+// back.
+func TestLoadMeterLongRequestsOverlap(t *testing.T) {
+	var m loadMeter
+	release := make(chan struct{})
+	var waiting sync.WaitGroup
+	srv := httptest.NewServer(m.wrap(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		waiting.Done()
+		<-release
+	})))
+	defer srv.Close()
+	const n = 4
+	waiting.Add(n)
+	var done sync.WaitGroup
+	for range n {
+		done.Go(func() {
+			if resp, err := http.Get(srv.URL); err == nil {
+				resp.Body.Close()
+			}
+		})
+	}
+	waiting.Wait()
+	defer done.Wait()
+	defer close(release)
+	m.take() // the interval where they started
+
+	var got []bool
+	g := &procGovernor{set: func(single bool) { got = append(got, single) }, single: true}
+	started, overlapping := m.take()
+	g.observe(0.8, started, overlapping)
+	if len(got) != 1 || got[0] {
+		t.Fatalf("%d requests in flight (%d started, %d overlapping in the interval) on one P at 0.8 cores: decisions %v, want [false]", n, started, overlapping, got)
+	}
+}

@@ -66,6 +66,11 @@ func wrap(c net.Conn) net.Conn {
 // Read reads as (*net.TCPConn).Read does, with the same errors.
 func (c *Conn) Read(p []byte) (int, error) {
 	if len(p) == 0 {
+		// As net's: no wait, nor deadline, but a closed connection
+		// fails.
+		if err := c.rc.Control(func(uintptr) {}); err != nil {
+			return 0, c.opError("read", err)
+		}
 		return 0, nil
 	}
 	var n int
@@ -86,25 +91,37 @@ func (c *Conn) Read(p []byte) (int, error) {
 }
 
 // Write writes all of p as (*net.TCPConn).Write does, with the same
-// errors.
+// errors. It holds the socket's write lock to the end, across the waits
+// for a full socket, as net does: writes from several goroutines do not
+// interleave.
 func (c *Conn) Write(p []byte) (int, error) {
 	var n int
-	var errno syscall.Errno
-	for n < len(p) {
-		err := c.rc.Write(func(fd uintptr) bool {
-			var m int
-			m, errno = Write(fd, p[n:])
-			if errno == 0 {
-				n += m
+	var werr error
+	err := c.rc.Write(func(fd uintptr) bool {
+		for {
+			m, errno := Write(fd, p[n:])
+			switch {
+			case errno == syscall.EAGAIN:
+				return false // wait until writable
+			case errno != 0:
+				werr = os.NewSyscallError("write", errno)
+				return true
 			}
-			return errno != syscall.EAGAIN // else wait until writable
-		})
-		switch {
-		case err != nil:
-			return n, c.opError("write", err)
-		case errno != 0:
-			return n, c.opError("write", os.NewSyscallError("write", errno))
+			n += m
+			if n == len(p) {
+				return true
+			}
+			if m == 0 {
+				werr = io.ErrUnexpectedEOF // as internal/poll, rather than spin
+				return true
+			}
 		}
+	})
+	if err == nil {
+		err = werr
+	}
+	if err != nil {
+		return n, c.opError("write", err)
 	}
 	return n, nil
 }

@@ -138,7 +138,8 @@ func TestWrappedBehavesAsTCPConn(t *testing.T) {
 			var got [2]outcome
 			for i, wrapped := range []bool{false, true} {
 				c, peer := pair(t, wrapped)
-				if _, ok := c.(*Conn); ok != (wrapped && runtime.GOOS == "linux") {
+				// Not *Conn, which only Linux builds have.
+				if _, plain := c.(*net.TCPConn); plain == (wrapped && runtime.GOOS == "linux") {
 					t.Fatalf("wrapped %v: got a %T", wrapped, c)
 				}
 				got[i] = describe(tc.run(t, c, peer))
@@ -191,5 +192,63 @@ func TestWrapLeavesOtherConns(t *testing.T) {
 	defer b.Close()
 	if Wrap(a) != a {
 		t.Fatal("a pipe was wrapped")
+	}
+}
+
+// Writes from several goroutines arrive each in one piece, as on a
+// *net.TCPConn, whose Write holds the socket's write lock to the end: even
+// when the socket fills and each leaves in parts.
+func TestWrappedConcurrentWritesStayWhole(t *testing.T) {
+	for _, wrapped := range []bool{false, true} {
+		c, peer := pair(t, wrapped)
+		// A small send buffer: each write leaves in many parts.
+		c.(interface{ SetWriteBuffer(int) error }).SetWriteBuffer(128 << 10)
+		const rounds, writers, size = 60, 4, 256 << 10
+		got := make([]byte, writers*size)
+		split := 0
+		for range rounds {
+			errs := make(chan error, writers)
+			for i := range writers {
+				go func() {
+					_, err := c.Write(bytes.Repeat([]byte{'a' + byte(i)}, size))
+					errs <- err
+				}()
+			}
+			if _, err := io.ReadFull(peer, got); err != nil {
+				t.Fatal(err)
+			}
+			for range writers {
+				if err := <-errs; err != nil {
+					t.Fatal(err)
+				}
+			}
+			for i := range writers {
+				// Each write's bytes are size of one value: whole when
+				// they span no more.
+				b := 'a' + byte(i)
+				if bytes.LastIndexByte(got, b)-bytes.IndexByte(got, b) != size-1 {
+					split++
+					break
+				}
+			}
+		}
+		if split > 0 {
+			t.Errorf("wrapped %v: %d writes at once arrived in pieces in %d rounds of %d", wrapped, writers, split, rounds)
+		}
+	}
+}
+
+// Empty reads and writes of a closed connection fail, as on a
+// *net.TCPConn.
+func TestWrappedEmptyAfterClose(t *testing.T) {
+	for _, wrapped := range []bool{false, true} {
+		c, _ := pair(t, wrapped)
+		c.Close()
+		if _, err := c.Read(nil); !errors.Is(err, net.ErrClosed) {
+			t.Errorf("wrapped %v: Read(nil) after Close: %v", wrapped, err)
+		}
+		if _, err := c.Write(nil); !errors.Is(err, net.ErrClosed) {
+			t.Errorf("wrapped %v: Write(nil) after Close: %v", wrapped, err)
+		}
 	}
 }
