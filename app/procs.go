@@ -46,8 +46,9 @@ type procGovernor struct {
 }
 
 // observe takes what an interval saw: the CPU the process used, in cores,
-// the requests that started, and how many of them started while another
-// was in flight.
+// the requests (see loadMeter.take), and how many of them overlapped
+// another. Work outside requests (registrations, handshakes) counts as
+// sequential: it gets every P back over governFull.
 func (g *procGovernor) observe(cores float64, started, overlapping uint64) {
 	sequential := overlapping*10 <= started
 	if g.single {
