@@ -800,26 +800,18 @@ func TestUnaskedBytesInTLSBufferNotReused(t *testing.T) {
 		if _, err := io.ReadFull(tc, ok[:]); err != nil || ok[0] != protocol.DataOK {
 			t.Fatalf("data hello: %v", err)
 		}
-		go func() {
-			br := bufio.NewReader(tc)
-			for {
-				req, err := http.ReadRequest(br)
-				if err != nil {
-					return
-				}
-				io.Copy(io.Discard, req.Body)
-				if req.URL.Path == "/first" {
-					hc.mu.Lock()
-					hc.hold = true
-					hc.mu.Unlock()
-					io.WriteString(tc, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
-					io.WriteString(tc, "HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED") // a record of its own
-					hc.release()
-					continue
-				}
-				io.WriteString(tc, "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+		go answerEach(func(c net.Conn, req *http.Request) {
+			if req.URL.Path == "/first" {
+				hc.mu.Lock()
+				hc.hold = true
+				hc.mu.Unlock()
+				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfirst")
+				io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 8\r\n\r\nSMUGGLED") // a record of its own
+				hc.release()
+				return
 			}
-		}()
+			io.WriteString(c, "HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecond")
+		})(tc)
 	}
 	deadline := time.Now().Add(5 * time.Second)
 	for {
