@@ -179,11 +179,11 @@ func run(ctx context.Context, cfg *Config, logger *slog.Logger, govern bool) err
 		return fmt.Errorf("%s %q: %w", name("http-address"), cfg.HTTPAddress, err)
 	}
 	defer frontendLn.Close()
-	var meter loadMeter
 	var handler http.Handler = srv
 	if govern {
+		meter := &loadMeter{}
 		handler = meter.wrap(srv)
-		stop := governParallelism(&meter, logger)
+		stop := governParallelism(meter, logger)
 		defer stop()
 	}
 	newFrontend := func() *http.Server {
